@@ -1,0 +1,372 @@
+"""Concept images: loading, the shipped examples, CoRe augmentation, and image grids.
+
+Pure numpy + PIL. Every random choice comes from a `np.random.Generator`, so a seed fixes the
+output bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from core_jax.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_PIXELS = 50_000_000
+WHITE = (255, 255, 255)
+
+# CoRe stage 1 augmentation (DESIGN.md, "CoRe, exactly").
+ROTATE_P = 0.75
+MAX_ANGLE = 45.0
+FLIP_P = 0.25
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _warn(message: str) -> None:
+    # stacklevel 3: attribute the warning to whoever called the public function.
+    warnings.warn(message, stacklevel=3)
+
+
+def _decode(path: Path, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, decode and upright one file, downscaled to at most `max_pixels` pixels.
+
+    Returns the image and the file's own (width, height).
+    """
+    with warnings.catch_warnings():
+        # We bound the size ourselves below; PIL still raises DecompressionBombError for files
+        # over twice its own limit, which the caller turns into a skip.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                # JPEG can decode at 1/2, 1/4, 1/8 scale, sparing the memory of the full frame.
+                scale = math.sqrt(max_pixels / (w * h))
+                img.draft(None, (max(1, int(w * scale)), max(1, int(h * scale))))
+            # Loads the pixels, so truncated files fail here.
+            out = ImageOps.exif_transpose(img)
+    if out.width * out.height > max_pixels:
+        scale = math.sqrt(max_pixels / (out.width * out.height))
+        size = (max(1, int(out.width * scale)), max(1, int(out.height * scale)))
+        out = out.resize(size, Image.Resampling.LANCZOS)
+    return out, (w, h)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode → uint8 [H, W, 3]; transparency composited onto white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit samples: a plain convert("L") would clip at 255 instead of rescaling.
+        arr = np.clip(np.asarray(img).astype(np.float64), 0, 65535)
+        gray = np.round(arr / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_concept_images(
+    folder: str | os.PathLike,
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> list[np.ndarray]:
+    """Load every image in `folder` as uint8 RGB [H, W, 3], sorted by file name.
+
+    Accepts .jpg/.jpeg/.png/.webp/.bmp in any case. EXIF orientation is applied, transparency is
+    composited onto white, grayscale and 16-bit images become 8-bit RGB. Files that cannot be read
+    are skipped with a warning; images whose shorter side is below `min_size` are kept with a
+    warning (they will be upscaled); images above `max_pixels` are downscaled with a warning.
+
+    Raises:
+        InputError: the folder is missing, or holds no readable image.
+    """
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise InputError(f"Concept folder {str(root)!r} does not exist.")
+    if not root.is_dir():
+        raise InputError(f"Concept folder {str(root)!r} is not a directory.")
+
+    # Hidden files (.DS_Store, editor swap files) and sub-folders are never user images.
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    images: list[np.ndarray] = []
+    skipped: list[str] = []
+    for path in files:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(path.name)
+            _warn(f"Skipping {path}: not a supported image type ({', '.join(IMAGE_SUFFIXES)}).")
+            continue
+        try:
+            img, (orig_w, orig_h) = _decode(path, max_pixels)
+        # PIL signals malformed files with many exception types (OSError, SyntaxError,
+        # DecompressionBombError, struct.error, ...); any of them means: skip this file.
+        except Exception as err:
+            skipped.append(path.name)
+            _warn(f"Skipping {path}: cannot read it as an image ({str(err).rstrip('.')}).")
+            continue
+        rgb = _to_rgb(img)
+        h, w = rgb.shape[:2]
+        if orig_w * orig_h > max_pixels:
+            _warn(
+                f"{path} is {orig_w}x{orig_h} pixels; downscaled to {w}x{h} "
+                f"(limit {max_pixels} pixels)."
+            )
+        if min_size is not None and min(h, w) < min_size:
+            _warn(f"{path} is only {w}x{h} pixels, below {min_size}; it will be upscaled.")
+        images.append(rgb)
+
+    if not images:
+        if not files:
+            raise InputError(f"Concept folder {str(root)!r} is empty.")
+        raise InputError(
+            f"No readable image in {str(root)!r} (skipped: {', '.join(skipped)}); "
+            f"supported types are {', '.join(IMAGE_SUFFIXES)}."
+        )
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped example concepts
+
+
+class BuiltinConcept(NamedTuple):
+    supercategory: str
+    animate: bool  # picks the CoRe template set ("animate" for pets and people)
+    # Fractional (left, top, right, bottom) boxes: each one is a "photo" of the concept.
+    views: tuple[tuple[float, float, float, float], ...]
+
+
+BUILTIN_CONCEPTS: dict[str, BuiltinConcept] = {
+    # skimage.data.chelsea(): a tabby cat's face, 451x300.
+    "chelsea": BuiltinConcept(
+        "cat",
+        True,
+        (
+            (0.0, 0.0, 1.0, 1.0),
+            (0.04, 0.0, 0.71, 1.0),
+            (0.24, 0.13, 0.82, 0.97),
+            (0.22, 0.0, 1.0, 1.0),
+        ),
+    ),
+    # skimage.data.coffee(): an espresso cup on a saucer, 600x400.
+    "coffee": BuiltinConcept(
+        "cup",
+        False,
+        (
+            (0.0, 0.0, 1.0, 1.0),
+            (0.17, 0.0, 0.83, 1.0),
+            (0.25, 0.0, 0.75, 0.8),
+            (0.08, 0.05, 0.85, 1.0),
+        ),
+    ),
+    # skimage.data.astronaut(): a NASA astronaut portrait, 512x512.
+    "astronaut": BuiltinConcept(
+        "person",
+        True,
+        (
+            (0.0, 0.0, 1.0, 1.0),
+            (0.1, 0.0, 0.75, 0.65),
+            (0.25, 0.0, 0.62, 0.4),
+            (0.0, 0.1, 0.8, 1.0),
+        ),
+    ),
+}
+
+
+def builtin_concept(name: str = "chelsea") -> list[np.ndarray]:
+    """Four uint8 RGB "photos" of a concept shipped with scikit-image; no download needed.
+
+    Each is a fixed crop (full frame, square, close-up, off-centre) of one real photograph:
+    "chelsea" (a cat), "coffee" (a cup, inanimate) or "astronaut" (a person). The super-category
+    word and animate flag are in `BUILTIN_CONCEPTS[name]`.
+    """
+    if name not in BUILTIN_CONCEPTS:
+        raise InputError(
+            f"Unknown built-in concept {name!r}; choose one of {', '.join(BUILTIN_CONCEPTS)}."
+        )
+    # Imported here: skimage is slow to import and only the default run needs it.
+    import skimage.data
+
+    photo = np.asarray(getattr(skimage.data, name)())[..., :3]
+    h, w = photo.shape[:2]
+    return [
+        np.ascontiguousarray(photo[round(t * h) : round(b * h), round(l * w) : round(r * w)])
+        for l, t, r, b in BUILTIN_CONCEPTS[name].views
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+
+
+class AugmentParams(NamedTuple):
+    """One draw of the augmentation; independent of the image so it can be sampled first."""
+
+    angle: float  # degrees, counter-clockwise; 0.0 means no rotation
+    flip: bool
+    crop_x: float  # fractions in [0, 1) of the free room left by the crop
+    crop_y: float
+
+
+def sample_augment_params(
+    rng: np.random.Generator,
+    *,
+    rotate_p: float = ROTATE_P,
+    max_angle: float = MAX_ANGLE,
+    flip_p: float = FLIP_P,
+) -> AugmentParams:
+    """Draw one augmentation. Always consumes five numbers, so streams stay aligned."""
+    rotate, angle, flip, crop_x, crop_y = rng.random(5)
+    return AugmentParams(
+        angle=float((2.0 * angle - 1.0) * max_angle) if rotate < rotate_p else 0.0,
+        flip=bool(flip < flip_p),
+        crop_x=float(crop_x),
+        crop_y=float(crop_y),
+    )
+
+
+def apply_augment(image: Image.Image, params: AugmentParams, resolution: int) -> np.ndarray:
+    """Rotate (expanding the canvas), resize the shorter side to `resolution`, flip, crop.
+
+    Returns float32 [resolution, resolution, 3] in [-1, 1].
+    """
+    img = image.convert("RGB")
+    if params.angle != 0.0:
+        # Expanded corners are filled with white, like transparent pixels on load: a flat,
+        # featureless background is what the model can learn to ignore, whereas edge
+        # replication paints streaks that look like content and black reads as a dark frame.
+        img = img.rotate(
+            params.angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=WHITE
+        )
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    if params.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    left = int(params.crop_x * (img.width - resolution + 1))
+    top = int(params.crop_y * (img.height - resolution + 1))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def augment(
+    image: np.ndarray | Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    *,
+    rotate_p: float = ROTATE_P,
+    max_angle: float = MAX_ANGLE,
+    flip_p: float = FLIP_P,
+) -> np.ndarray:
+    """One CoRe-augmented view of `image`: float32 [resolution, resolution, 3] in [-1, 1]."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    params = sample_augment_params(rng, rotate_p=rotate_p, max_angle=max_angle, flip_p=flip_p)
+    return apply_augment(img, params, resolution)
+
+
+def augmented_views(
+    images: Sequence[np.ndarray],
+    num_views: int,
+    resolution: int,
+    seed: int,
+    *,
+    rotate_p: float = ROTATE_P,
+    max_angle: float = MAX_ANGLE,
+    flip_p: float = FLIP_P,
+) -> np.ndarray:
+    """`num_views` augmented views, cycling through `images` in order.
+
+    Returns float32 [num_views, resolution, resolution, 3] in [-1, 1] (NHWC). The same seed
+    gives bitwise the same array.
+    """
+    if not images:
+        raise InputError("No concept images to augment.")
+    if num_views < 1 or resolution < 1:
+        raise ValueError(
+            f"num_views and resolution must be positive, got {num_views}, {resolution}."
+        )
+    pils = []
+    for image in images:
+        img = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        # Rotation commutes with isotropic scaling, so shrinking large photos first changes only
+        # resampling, not which content lands in the crop; 2x headroom keeps the final resize a
+        # downsample and saves rotating tens of megapixels per view.
+        if min(img.size) > 2 * resolution:
+            scale = 2 * resolution / min(img.size)
+            size = (round(img.width * scale), round(img.height * scale))
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        pils.append(img)
+    rng = np.random.default_rng(seed)
+    out = np.empty((num_views, resolution, resolution, 3), dtype=np.float32)
+    for i in range(num_views):
+        out[i] = augment(
+            pils[i % len(pils)],
+            resolution,
+            rng,
+            rotate_p=rotate_p,
+            max_angle=max_angle,
+            flip_p=flip_p,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 images pass through; float images in [-1, 1] map to [0, 255] (clipped, rounded)."""
+    arr = np.asarray(images)
+    if arr.dtype == np.uint8:
+        return arr
+    return np.round((np.clip(arr.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def save_image_grid(
+    images: np.ndarray,
+    path: str | os.PathLike,
+    nrow: int | None = None,
+    *,
+    pad: int = 2,
+) -> Path:
+    """Save [N, H, W, 3] images (float in [-1, 1] or uint8) as one PNG grid; returns the path.
+
+    `nrow` images per row (default: a near-square grid), `pad` white pixels between them. The file
+    is written to a temporary name in the same folder and then renamed, so readers never see a
+    half-written PNG.
+    """
+    arr = to_uint8(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+        raise ValueError(f"Expected images of shape [N, H, W, 3], got {arr.shape}.")
+    n, h, w, _ = arr.shape
+    cols = min(n, nrow or math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = arr[i]
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return target

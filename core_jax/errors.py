@@ -1,0 +1,8 @@
+"""Exceptions shared across layers."""
+
+
+class InputError(ValueError):
+    """Something the user supplied (files, flags, config) is unusable.
+
+    The message is one sentence meant for the user; the CLI prints it without a traceback.
+    """
