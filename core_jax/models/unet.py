@@ -1,0 +1,387 @@
+"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x) as a Flax linen module.
+
+Same topology and parameter names as diffusers (list indices joined with `_`), channels-last.
+Cross-attention layers sow per-token attention statistics into the `attn_stats` collection; see
+`cross_attention_stats` for their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from core_jax.models._config import from_json_dict, to_json_dict
+from core_jax.models.layers import (
+    Attention,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+    conv1x1,
+    conv3x3,
+)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# diffusers options this module does not implement, with the value that is supported.
+_UNSUPPORTED_IF_NOT = {
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "act_fn": "silu",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "mid_block_scale_factor": 1,
+}
+
+
+def _per_block(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The subset of diffusers' UNet2DConditionModel config that SD 1.x / 2.x use."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+    )
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    # diffusers' `attention_head_dim` is the number of heads (a historic misnomer) unless
+    # `num_attention_heads` is given; SD 2.x gives it per block.
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("down", DOWN_BLOCK_TYPES), ("up", UP_BLOCK_TYPES)):
+            for block in getattr(self, f"{name}_block_types"):
+                if block not in allowed:
+                    raise ValueError(f"unsupported {name} block {block!r}; supported: {allowed}")
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError("down_block_types and block_out_channels differ in length")
+        if isinstance(self.layers_per_block, (list, tuple)):
+            raise ValueError("per-block layers_per_block is not supported")
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        heads = self.num_attention_heads or self.attention_head_dim
+        return _per_block(heads, len(self.down_block_types))
+
+    @property
+    def transformer_layers(self) -> tuple[int, ...]:
+        return _per_block(self.transformer_layers_per_block, len(self.down_block_types))
+
+    @property
+    def num_cross_attention_layers(self) -> int:
+        n_down = sum(
+            self.layers_per_block * t
+            for b, t in zip(self.down_block_types, self.transformer_layers, strict=True)
+            if b.startswith("CrossAttn")
+        )
+        n_up = sum(
+            (self.layers_per_block + 1) * t
+            for b, t in zip(self.up_block_types, self.transformer_layers[::-1], strict=True)
+            if b.startswith("CrossAttn")
+        )
+        return n_down + self.transformer_layers[-1] + n_up
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> UNetConfig:
+        for key, supported in _UNSUPPORTED_IF_NOT.items():
+            if key in config and config[key] != supported and config[key] != [supported] * len(
+                config.get("down_block_types", [])
+            ):
+                raise ValueError(
+                    f"U-Net config has {key}={config[key]!r}; core-jax supports only {supported!r}"
+                )
+        if isinstance(config.get("cross_attention_dim"), (list, tuple)):
+            dims = set(config["cross_attention_dim"])
+            if len(dims) != 1:
+                raise ValueError("per-block cross_attention_dim is not supported")
+            config = {**config, "cross_attention_dim": dims.pop()}
+        return from_json_dict(cls, config)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        return {"_class_name": "UNet2DConditionModel", **to_json_dict(self)}
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float
+) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps [B]."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: `net.0.proj` (dim -> 2 * 4 dim), exact GELU gate, `net.2`."""
+
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inner = 4 * self.dim
+        h = GEGLU(inner, self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class GEGLU(nn.Module):
+    inner: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class BasicTransformerBlock(nn.Module):
+    dim: int
+    heads: int
+    head_dim: int
+    upcast_attention: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        def norm(name: str) -> nn.LayerNorm:
+            return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+
+        def attention(name: str, record_stats: bool) -> Attention:
+            return Attention(
+                self.heads, self.head_dim, self.dim, upcast_attention=self.upcast_attention,
+                record_stats=record_stats, dtype=self.dtype, name=name,
+            )
+
+        x = x + attention("attn1", False)(norm("norm1")(x))
+        x = x + attention("attn2", True)(norm("norm2")(x), context)
+        return x + FeedForward(self.dim, self.dtype, name="ff")(norm("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: group norm, proj_in (1x1 conv or linear), blocks, proj_out, residual."""
+
+    heads: int
+    head_dim: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        inner = self.heads * self.head_dim
+        h = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(batch, -1, channels))
+        else:
+            h = conv1x1(inner, "proj_in", self.dtype)(h).reshape(batch, -1, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                inner, self.heads, self.head_dim, self.upcast_attention, self.dtype,
+                name=f"transformer_blocks_{i}",
+            )(h, context)
+        if self.use_linear_projection:
+            h = nn.Dense(channels, dtype=self.dtype, name="proj_out")(h)
+            h = h.reshape(batch, height, width, channels)
+        else:
+            h = conv1x1(channels, "proj_out", self.dtype)(h.reshape(batch, height, width, inner))
+        return h + x
+
+
+class TimestepEmbedding(nn.Module):
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t_emb: jax.Array) -> jax.Array:
+        t_emb = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(t_emb.astype(self.dtype))
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(t_emb))
+
+
+class _BlockSettings(nn.Module):
+    """Fields shared by the down, mid and up blocks."""
+
+    channels: int
+    num_layers: int
+    has_attention: bool
+    heads: int = 8
+    transformer_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def resnet(self, name: str) -> ResnetBlock2D:
+        return ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype, name=name)
+
+    def transformer(self, name: str) -> Transformer2DModel:
+        return Transformer2DModel(
+            self.heads, self.channels // self.heads, self.transformer_layers, self.groups,
+            self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
+        )
+
+
+class DownBlock(_BlockSettings):
+    """CrossAttnDownBlock2D (has_attention) or DownBlock2D; returns output and skip features."""
+
+    add_downsample: bool = True
+
+    @nn.compact
+    def __call__(
+        self, h: jax.Array, temb: jax.Array, context: jax.Array
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        skips = []
+        for j in range(self.num_layers):
+            h = self.resnet(f"resnets_{j}")(h, temb)
+            if self.has_attention:
+                h = self.transformer(f"attentions_{j}")(h, context)
+            skips.append(h)
+        if self.add_downsample:
+            h = Downsample2D(self.channels, dtype=self.dtype, name="downsamplers_0")(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(_BlockSettings):
+    """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
+
+    @nn.compact
+    def __call__(self, h: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        h = self.resnet("resnets_0")(h, temb)
+        h = self.transformer("attentions_0")(h, context)
+        return self.resnet("resnets_1")(h, temb)
+
+
+class UpBlock(_BlockSettings):
+    """CrossAttnUpBlock2D (has_attention) or UpBlock2D; `skips` in the order they are consumed."""
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(
+        self, h: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array, context: jax.Array
+    ) -> jax.Array:
+        for j in range(self.num_layers):
+            h = jnp.concatenate([h, skips[j]], axis=-1)
+            h = self.resnet(f"resnets_{j}")(h, temb)
+            if self.has_attention:
+                h = self.transformer(f"attentions_{j}")(h, context)
+        if self.add_upsample:
+            h = Upsample2D(self.channels, self.dtype, name="upsamplers_0")(h)
+        return h
+
+
+class UNet2DConditionModel(nn.Module):
+    """eps (or v) = unet(latents [B, H, W, C], timesteps [B] or scalar, context [B, T, D])."""
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
+    ) -> jax.Array:
+        c = self.config
+        channels = c.block_out_channels
+        n_blocks = len(channels)
+        common = dict(
+            groups=c.norm_num_groups, eps=c.norm_eps, use_linear_projection=c.use_linear_projection,
+            upcast_attention=c.upcast_attention, dtype=self.dtype,
+        )
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        context = encoder_hidden_states.astype(self.dtype)  # [B, T, D]
+
+        t_emb = timestep_embedding(timesteps, channels[0], c.flip_sin_to_cos, c.freq_shift)
+        t_emb = TimestepEmbedding(4 * channels[0], self.dtype, name="time_embedding")(t_emb)
+
+        h = conv3x3(channels[0], "conv_in", self.dtype)(sample.astype(self.dtype))
+        skips = [h]
+        for i, block_type in enumerate(c.down_block_types):
+            h, block_skips = DownBlock(
+                channels[i], c.layers_per_block, block_type == "CrossAttnDownBlock2D",
+                c.heads_per_block[i], c.transformer_layers[i], add_downsample=i < n_blocks - 1,
+                name=f"down_blocks_{i}", **common,
+            )(h, t_emb, context)
+            skips.extend(block_skips)
+
+        h = MidBlock(
+            channels[-1], 1, True, c.heads_per_block[-1], c.transformer_layers[-1],
+            name="mid_block", **common,
+        )(h, t_emb, context)
+
+        for i, block_type in enumerate(c.up_block_types):
+            r = n_blocks - 1 - i
+            n_layers = c.layers_per_block + 1
+            block_skips = tuple(reversed(skips[-n_layers:]))
+            del skips[-n_layers:]
+            h = UpBlock(
+                channels[r], n_layers, block_type == "CrossAttnUpBlock2D",
+                c.heads_per_block[r], c.transformer_layers[r], add_upsample=i < n_blocks - 1,
+                name=f"up_blocks_{i}", **common,
+            )(h, block_skips, t_emb, context)
+
+        h = GroupNorm(c.norm_num_groups, c.norm_eps, self.dtype, name="conv_norm_out")(h)
+        h = conv3x3(c.out_channels, "conv_out", self.dtype)(nn.silu(h))
+        return h.astype(jnp.float32)
+
+
+def cross_attention_stats(variables: dict, kind: str = "mean") -> jax.Array:
+    """Stack the sown per-token statistics into [L, B, T], in execution order.
+
+    The order is the U-Net's forward order: down blocks (block, layer, transformer block),
+    the mid block, then up blocks; for SD 1.x / 2.x that is 6 down, 1 mid, 9 up = 16 layers.
+    `variables` is the mutable state returned by `apply(..., mutable=["attn_stats"])`.
+    """
+    leaves: list[jax.Array] = []
+
+    def visit(tree: dict) -> None:
+        for name, child in tree.items():
+            if name == "attn2":
+                leaves.append(child[kind][0])
+            elif isinstance(child, dict):
+                visit(child)
+
+    visit(variables["attn_stats"])
+    return jnp.stack(leaves)
