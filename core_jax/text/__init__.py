@@ -1,0 +1,33 @@
+"""Text side: CLIP tokenizer, placeholder tokens, prompt ids, CoRe context alignment."""
+
+from core_jax.text.context import RegularizationPrompts, regularization_prompts
+from core_jax.text.templates import check_template, fill_template, load_templates
+from core_jax.text.tokenizer import (
+    add_placeholder_tokens,
+    caption_ids,
+    load_tokenizer,
+    placeholder_slots,
+    placeholder_string,
+    placeholder_tokens,
+    super_category_ids,
+    tokenize,
+)
+from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
+
+__all__ = [
+    "MODEL_MAX_LENGTH",
+    "RegularizationPrompts",
+    "add_placeholder_tokens",
+    "caption_ids",
+    "check_template",
+    "clip_tokenizer_dir",
+    "fill_template",
+    "load_templates",
+    "load_tokenizer",
+    "placeholder_slots",
+    "placeholder_string",
+    "placeholder_tokens",
+    "regularization_prompts",
+    "super_category_ids",
+    "tokenize",
+]
