@@ -1,0 +1,69 @@
+"""Named model shapes (DESIGN.md "Reference shapes") for tests, benchmarks and the default run.
+
+Every preset keeps SD 1.x's topology (3 cross-attention down blocks + 1 plain, mirrored up;
+16 cross-attention layers); only widths and depths shrink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from core_jax.models.clip_text import CLIPTextConfig
+from core_jax.models.unet import UNetConfig
+from core_jax.models.vae import VAEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    unet: UNetConfig
+    text: CLIPTextConfig
+    vae: VAEConfig
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # The smallest shapes that keep every code path; 64 px images, 8x8 latents.
+    "tiny": ModelPreset(
+        unet=UNetConfig(
+            sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=2,
+            cross_attention_dim=32, norm_num_groups=16,
+        ),
+        text=CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=32,
+        ),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16,
+                      sample_size=64),
+    ),
+    # DESIGN.md bench-small: the benchmark shape; 256 px images, 32x32 latents.
+    "bench_small": ModelPreset(
+        unet=UNetConfig(
+            sample_size=32, block_out_channels=(64, 128, 256, 256), attention_head_dim=8,
+            cross_attention_dim=256,
+        ),
+        text=CLIPTextConfig(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            projection_dim=256,
+        ),
+        vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=256),
+    ),
+    # SD 1.5's real shapes (random weights unless loaded).
+    "sd15": ModelPreset(unet=UNetConfig(), text=CLIPTextConfig(), vae=VAEConfig()),
+    # SD 2.1-base's shapes: linear projections, per-block heads, OpenCLIP-H text encoder.
+    "sd21": ModelPreset(
+        unet=UNetConfig(
+            attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+            use_linear_projection=True,
+        ),
+        text=CLIPTextConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, hidden_act="gelu", projection_dim=512,
+        ),
+        vae=VAEConfig(),
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

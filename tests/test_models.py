@@ -1,0 +1,301 @@
+"""Parity of our Flax models with diffusers/transformers, built here with random weights.
+
+Each reference is saved with `save_pretrained` and loaded through `core_jax.weights`, so these
+tests cover the models, the weight mapping and the folder reader together. Tolerance: max-abs
+1e-4 in fp32 (observed differences are ~1e-6: only summation order differs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from core_jax import weights  # noqa: E402
+from core_jax.errors import InputError  # noqa: E402
+from core_jax.models.presets import get_preset  # noqa: E402
+from core_jax.models.unet import cross_attention_stats  # noqa: E402
+
+TOL = 1e-4
+
+SD1_UNET = dict(
+    sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=2,
+    cross_attention_dim=24, norm_num_groups=16, layers_per_block=2,
+)
+SD2_UNET = dict(
+    SD1_UNET, attention_head_dim=(2, 4, 4, 8), use_linear_projection=True, upcast_attention=True,
+)
+
+
+def _jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random-init models zero some layers (e.g. conv_out); perturb so every weight matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).detach().numpy()
+
+
+class ProbabilityRecorder:
+    """diffusers attention processor that records per-token mean/var of cross-attention probs."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        batch = hidden_states.shape[0]
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # [B*H, N, T]
+        per_head = probs.reshape(batch, attn.heads, *probs.shape[1:])
+        self.log.append((per_head.mean(dim=(1, 2)), per_head.var(dim=(1, 2), unbiased=False)))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _unet_case(tmp_path, config: dict, seed: int):
+    torch.manual_seed(seed)
+    ref = _jitter(diffusers.UNet2DConditionModel(**config), seed)
+    ref.save_pretrained(tmp_path / "unet")
+    module, params = weights.load_unet(tmp_path)
+    rng = np.random.default_rng(seed)
+    size = config["sample_size"]
+    latents = rng.standard_normal((2, size, size, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
+    timesteps = np.array([3, 871])
+    return ref, module, params, latents, context, timesteps
+
+
+@pytest.mark.parametrize("config", [SD1_UNET, SD2_UNET], ids=["sd1", "sd2"])
+def test_unet_matches_diffusers_with_attention_stats(tmp_path, config):
+    ref, module, params, latents, context, timesteps = _unet_case(tmp_path, config, seed=1)
+    log: list = []
+    processors = {
+        name: ProbabilityRecorder(log) if "attn2" in name else proc
+        for name, proc in ref.attn_processors.items()
+    }
+    ref.set_attn_processor(processors)
+    with torch.no_grad():
+        expected = _nhwc(
+            ref(_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+        )
+    out, state = module.apply(
+        {"params": params}, latents, timesteps, context, mutable=["attn_stats"]
+    )
+    np.testing.assert_allclose(np.asarray(out), expected, atol=TOL, rtol=0)
+    means = cross_attention_stats(state, "mean")
+    variances = cross_attention_stats(state, "var")
+    assert means.shape == (16, 2, 7) == (module.config.num_cross_attention_layers, 2, 7)
+    np.testing.assert_allclose(means, np.stack([m.numpy() for m, _ in log]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(variances, np.stack([v.numpy() for _, v in log]), atol=1e-6, rtol=0)
+    # Probabilities over 7 keys sum to one for every query, so per-token means sum to one.
+    np.testing.assert_allclose(means.sum(-1), 1.0, atol=1e-5)
+
+
+def test_unet_without_stats_collection_is_the_same_function(tmp_path):
+    _, module, params, latents, context, timesteps = _unet_case(tmp_path, SD1_UNET, seed=2)
+    plain = module.apply({"params": params}, latents, timesteps, context)
+    with_stats, _ = module.apply(
+        {"params": params}, latents, timesteps, context, mutable=["attn_stats"]
+    )
+    np.testing.assert_allclose(plain, with_stats, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("prefix", [True, False], ids=["text_model_prefix", "no_prefix"])
+def test_text_encoder_matches_transformers(tmp_path, act, prefix):
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, hidden_act=act, bos_token_id=998, eos_token_id=999,
+        pad_token_id=999, max_position_embeddings=16,
+    )
+    torch.manual_seed(3)
+    ref = transformers.CLIPTextModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "text_encoder")
+    if not prefix:  # some exporters drop `text_model.`
+        from safetensors.torch import load_file, save_file
+
+        path = tmp_path / "text_encoder" / "model.safetensors"
+        state = {k.removeprefix("text_model."): v for k, v in load_file(path).items()}
+        save_file(state, path)
+    module, params = weights.load_text_encoder(tmp_path)
+    ids = np.array([[998, 5, 6, 999, 999, 999], [998, 7, 8, 9, 10, 999]])
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids))
+    out = module.apply({"params": params}, ids)
+    np.testing.assert_allclose(out.last_hidden_state, expected.last_hidden_state, atol=TOL, rtol=0)
+    np.testing.assert_allclose(out.pooler_output, expected.pooler_output, atol=TOL, rtol=0)
+
+
+def test_injected_vectors_equal_an_extended_vocabulary(tmp_path):
+    """Learned vectors outside the table == the same vectors appended to the table in torch."""
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, bos_token_id=998, eos_token_id=999, pad_token_id=999,
+    )
+    torch.manual_seed(4)
+    ref = transformers.CLIPTextModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "text_encoder")
+    module, params = weights.load_text_encoder(tmp_path)
+    learned = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    ids = np.array([[998, 5, 1000, 1001, 6, 999, 999], [998, 1000, 1001, 999, 999, 999, 999]])
+    ref.resize_token_embeddings(1002)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[1000:] = torch.from_numpy(learned)
+        expected = ref(torch.from_numpy(ids))
+    mask = ids >= 1000
+    inject = np.zeros(ids.shape + (32,), np.float32)
+    inject[mask] = learned[ids[mask] - 1000]
+    out = module.apply({"params": params}, ids, inject_embeds=inject, inject_mask=mask)
+    np.testing.assert_allclose(out.last_hidden_state, expected.last_hidden_state, atol=TOL, rtol=0)
+    np.testing.assert_allclose(out.pooler_output, expected.pooler_output, atol=TOL, rtol=0)
+    # The table is untouched and gradients reach the injected vectors.
+    assert params["text_model"]["embeddings"]["token_embedding"]["embedding"].shape == (1000, 32)
+
+    def total(inj):
+        out = module.apply({"params": params}, ids, inject_embeds=inj, inject_mask=mask)
+        return out.last_hidden_state.sum()
+
+    grad = jax.grad(total)(jnp.asarray(inject))
+    assert np.all(np.asarray(grad)[~mask] == 0) and np.any(np.asarray(grad)[mask] != 0)
+
+
+def test_pooled_output_uses_the_first_end_of_text_with_sd2_padding(tmp_path):
+    """SD 2.x pads with '!' (id 0): the first end-of-text is still the pooled position."""
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, bos_token_id=998, eos_token_id=999, pad_token_id=0,
+    )
+    torch.manual_seed(5)
+    ref = transformers.CLIPTextModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "text_encoder")
+    module, params = weights.load_text_encoder(tmp_path)
+    ids = np.array([[998, 5, 6, 999, 0, 0, 0]])
+    out = module.apply({"params": params}, ids)
+    np.testing.assert_allclose(out.pooler_output, out.last_hidden_state[:, 3], atol=0)
+
+
+def test_vae_matches_diffusers(tmp_path):
+    torch.manual_seed(6)
+    ref = _jitter(diffusers.AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
+        layers_per_block=1,
+    ), 6)
+    ref.save_pretrained(tmp_path / "vae")
+    module, params = weights.load_vae(tmp_path)
+    images = np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        dist = ref.encode(_nchw(images)).latent_dist
+        decoded = _nhwc(ref.decode(dist.mean).sample)
+    mean, logvar = module.apply({"params": params}, images, method=module.encode)
+    np.testing.assert_allclose(mean, _nhwc(dist.mean), atol=TOL, rtol=0)
+    np.testing.assert_allclose(logvar, _nhwc(dist.logvar), atol=TOL, rtol=0)
+    out = module.apply({"params": params}, mean, method=module.decode)
+    np.testing.assert_allclose(out, decoded, atol=TOL, rtol=0)
+
+
+def test_export_round_trip_loads_in_diffusers(tmp_path):
+    """load -> save_unet -> diffusers from_pretrained gives the same function; bytes round-trip."""
+    ref, module, params, latents, context, timesteps = _unet_case(tmp_path, SD2_UNET, seed=7)
+    weights.save_unet(tmp_path / "export" / "unet", module, params)
+    again = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").eval()
+    with torch.no_grad():
+        args = (_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context))
+        np.testing.assert_array_equal(again(*args).sample.numpy(), ref(*args).sample.numpy())
+    _, reloaded = weights.load_unet(tmp_path / "export")
+    jax.tree.map(np.testing.assert_array_equal, params, reloaded)
+
+
+def test_presets_build_in_diffusers_and_load(tmp_path):
+    """Our preset configs are valid diffusers configs, and the tiny one loads back."""
+    preset = get_preset("tiny")
+    ref = diffusers.UNet2DConditionModel.from_config(preset.unet.to_diffusers())
+    ref.save_pretrained(tmp_path / "unet")
+    module, _ = weights.load_unet(tmp_path)
+    assert module.config == preset.unet
+    vae = diffusers.AutoencoderKL.from_config(preset.vae.to_diffusers())
+    vae.save_pretrained(tmp_path / "vae")
+    assert weights.load_vae(tmp_path)[0].config == preset.vae
+
+
+def test_sharded_checkpoints_load(tmp_path):
+    torch.manual_seed(8)
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, eos_token_id=499,
+    ))
+    ref.save_pretrained(tmp_path / "text_encoder", max_shard_size="20KB")
+    assert (tmp_path / "text_encoder" / "model.safetensors.index.json").is_file()
+    _, params = weights.load_text_encoder(tmp_path)
+    table = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    np.testing.assert_array_equal(table, ref.get_input_embeddings().weight.detach().numpy())
+
+
+def test_bad_folders_give_clear_errors(tmp_path):
+    torch.manual_seed(9)
+    ref = diffusers.UNet2DConditionModel(**SD1_UNET)
+    ref.save_pretrained(tmp_path / "unet")
+    with pytest.raises(InputError, match="does not exist"):
+        weights.load_unet(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="no text_encoder/config.json"):
+        weights.load_text_encoder(tmp_path)
+    # Wrong shapes: the config says wider channels than the weights have.
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "unet", bad / "unet")
+    config = json.loads((bad / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (bad / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="shape"):
+        weights.load_unet(bad)
+    # Only pickled weights: refused unless asked for.
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tmp_path / "unet", pickled / "unet")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(ref.state_dict(), pickled / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(InputError, match="pickled"):
+        weights.load_unet(pickled)
+    _, from_pickle = weights.load_unet(pickled, allow_pickle=True)
+    _, from_safetensors = weights.load_unet(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, from_pickle, from_safetensors)
+    # Unsupported architecture options are named.
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config["addition_embed_type"] = "text_time"
+    (bad / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="addition_embed_type"):
+        weights.load_unet(bad)
+
+
+@pytest.mark.slow
+def test_bench_small_unet_parity(tmp_path):
+    """DESIGN.md's bench-small U-Net (64/128/256/256, 16 cross-attention layers, 32x32)."""
+    config = get_preset("bench_small").unet.to_diffusers()
+    torch.manual_seed(10)
+    ref = _jitter(diffusers.UNet2DConditionModel.from_config(config), 10)
+    ref.save_pretrained(tmp_path / "unet")
+    module, params = weights.load_unet(tmp_path)
+    rng = np.random.default_rng(10)
+    latents = rng.standard_normal((1, 32, 32, 4)).astype(np.float32)
+    context = rng.standard_normal((1, 77, 256)).astype(np.float32)
+    with torch.no_grad():
+        expected = _nhwc(ref(_nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample)
+    out = module.apply({"params": params}, latents, np.array([500]), context)
+    np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
