@@ -1,0 +1,1 @@
+"""Benchmarks and PyTorch references (not part of the installed package)."""
