@@ -1,0 +1,76 @@
+"""Per-concept constants of stage 1: prompt tables, cached super-category encodings, latents."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from transformers import CLIPTokenizer
+
+from core_jax.text import regularization_prompts, super_category_ids
+from core_jax.train.state import ConceptData
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptSpec:
+    """One concept of a run: what it is called, what it is, which templates regularize it."""
+
+    name: str
+    super_category: str
+    templates: tuple[str, ...]
+    seed: int = 0
+
+
+def super_category_embedding(
+    tokenizer: CLIPTokenizer, text_params: dict[str, Any], word: str
+) -> np.ndarray:
+    """Mean input embedding [D] of the word's tokens (one token for most words)."""
+    table = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    return np.asarray(table)[super_category_ids(tokenizer, word)].mean(axis=0)
+
+
+def build_concept_data(
+    tokenizer: CLIPTokenizer,
+    text_encoder: nn.Module,
+    text_params: dict[str, Any],
+    placeholder_text: str,
+    specs: Sequence[ConceptSpec],
+    latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> ConceptData:
+    """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
+
+    `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled.
+    The y_cat encodings are computed here, once, with the frozen encoder.
+    """
+    prompts = [
+        regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
+        for s in specs
+    ]
+    n_max = max(len(p) for p in prompts)
+
+    def stack(field: str) -> np.ndarray:
+        return np.stack([np.resize(getattr(p, field), (n_max,) + getattr(p, field).shape[1:])
+                         for p in prompts])
+
+    encode = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
+    cat_ids = stack("cat_ids")  # [C, N, T]
+    cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
+    return ConceptData(
+        latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
+        latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),
+        obj_ids=jnp.asarray(stack("obj_ids")),
+        obj_index=jnp.asarray(stack("obj_index")),
+        cat_index=jnp.asarray(stack("cat_index")),
+        context_mask=jnp.asarray(stack("context_mask")),
+        cat_hidden=jnp.asarray(cat_hidden),
+        num_templates=jnp.asarray([len(p) for p in prompts], jnp.int32),
+        super_embed=jnp.asarray(
+            np.stack([super_category_embedding(tokenizer, text_params, s.super_category)
+                      for s in specs])
+        ),
+    )
