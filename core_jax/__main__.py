@@ -1,0 +1,3 @@
+from core_jax.cli import main
+
+main()

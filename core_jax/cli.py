@@ -1,0 +1,43 @@
+"""`core-jax <command> [flags]`: train, sample, export, bench.
+
+Each command lives in `core_jax.commands.<name>` with its own absl flags and a `main(argv)`;
+only the chosen one is imported, so commands never see each other's flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "train a concept (stage 1 embedding, then stage 2 U-Net) from a config",
+    "sample": "draw images of a trained concept: core-jax sample --workdir DIR --prompt '...'",
+    "export": "write learned_embeds.safetensors, an A1111 embedding and the stage-2 U-Net",
+    "bench": "time the step per regularizer variant (and against PyTorch)",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: core-jax <command> [--flags]", "", "commands:"]
+    lines += [f"  {name:<8} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "core-jax <command> --help lists a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in {"-h", "--help", "help"}:
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"core-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    from absl import app
+
+    module = importlib.import_module(f"core_jax.commands.{command}")
+    app.run(module.main, argv=[f"core-jax {command}", *argv[2:]])
+
+
+if __name__ == "__main__":
+    main()
