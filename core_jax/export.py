@@ -1,0 +1,172 @@
+"""Training results in the formats other tools read: learned vectors and stage-2 U-Net weights.
+
+- `save_learned_embeds`: diffusers' textual-inversion file, `{placeholder: [V, D]}` in
+  safetensors. `pipe.load_textual_inversion(path)` adds the tokens "<p>", "<p>_1", ... (the names
+  `core_jax.text.placeholder_tokens` gives) and expands "<p>" in prompts to all V of them.
+- `save_a1111_embedding`: one tensor `emb_params` [V, D], the safetensors embedding that
+  AUTOMATIC1111's webui and ComfyUI load from their embeddings folder; the file name (without
+  `.safetensors`) is the prompt word there.
+- `export_unet`: a diffusers `unet/` folder (`core_jax.weights.save_unet`).
+
+Every export is whole or absent: it is written under a temporary name in the destination's
+folder and renamed into place, so a crash or error never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from core_jax import weights
+from core_jax.errors import InputError
+from core_jax.models.unet import UNet2DConditionModel
+
+LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
+A1111_KEY = "emb_params"
+
+
+def _temp_sibling(path: Path, kind: str) -> Path:
+    # Same folder, so os.replace is a rename on one file system; a hidden, unique name so
+    # concurrent writers and directory scanners (webui, ComfyUI) never pick it up.
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def _atomic_write_bytes(path: Path, make_bytes: Callable[[], bytes]) -> None:
+    """Write `make_bytes()` to `path` via a temporary file and a rename; no residue on failure."""
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        with open(tmp, "xb") as f:  # plain open (not mkstemp) so the file gets the umask's mode
+            f.write(make_bytes())
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_vectors(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[0] < 1:
+        raise ValueError(f"learned vectors must be shaped [V, D] with V >= 1, got {vectors.shape}")
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("learned vectors contain NaN or infinity; refusing to export them")
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _output_file(path: str | os.PathLike, default_name: str) -> Path:
+    """`path` itself, or `path/default_name` when `path` is an existing folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path / default_name
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: embedding files must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_learned_embeds(path: str | os.PathLike, placeholder: str, vectors: np.ndarray) -> Path:
+    """Write diffusers' textual-inversion file `{placeholder: vectors [V, D]}` (float32).
+
+    `path` is a `.safetensors` file or an existing folder (then `learned_embeds.safetensors`
+    inside it, which `load_textual_inversion(folder)` finds). Returns the file written.
+    """
+    if not placeholder or any(c.isspace() for c in placeholder):
+        raise ValueError(f"placeholder {placeholder!r} must be non-empty and without whitespace")
+    vectors = _check_vectors(vectors)
+    out = _output_file(path, LEARNED_EMBEDS_NAME)
+    _atomic_write_bytes(out, lambda: safetensors.numpy.save({placeholder: vectors}))
+    return out
+
+
+def load_learned_embeds(path: str | os.PathLike) -> tuple[str, np.ndarray]:
+    """(placeholder, vectors [V, D] float32) from a one-tensor safetensors embedding file.
+
+    Reads what `save_learned_embeds` writes (or a folder holding `learned_embeds.safetensors`).
+    Other one-tensor files load too; an A1111 file gives the placeholder "emb_params".
+    Pickled `.bin`/`.pt` files (including A1111's `string_to_param` ones) are refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LEARNED_EMBEDS_NAME
+    if not path.is_file():
+        raise InputError(f"no embedding file at {path}")
+    if path.suffix != ".safetensors":
+        raise InputError(
+            f"{path}: only .safetensors embeddings are read (pickled files can run code when "
+            "loaded); convert it to safetensors first"
+        )
+    try:
+        state = safetensors.numpy.load_file(str(path))
+    except Exception as err:  # the library raises several types for a damaged header
+        raise InputError(f"{path} is not a readable safetensors file: {err}") from err
+    if len(state) != 1:
+        raise InputError(
+            f"{path} holds {len(state)} tensors {sorted(state)[:5]}; a textual-inversion "
+            "embedding has exactly one"
+        )
+    placeholder, vectors = next(iter(state.items()))
+    if vectors.ndim == 1:  # old single-vector files store [D]
+        vectors = vectors[None]
+    if vectors.ndim != 2:
+        raise InputError(f"{path}: embedding {placeholder!r} has shape {vectors.shape}, not [V, D]")
+    return placeholder, vectors.astype(np.float32)
+
+
+def save_a1111_embedding(
+    path: str | os.PathLike, name: str, vectors: np.ndarray, step: int | None = None
+) -> Path:
+    """Write `{"emb_params": vectors [V, D]}` (float32) for AUTOMATIC1111's webui and ComfyUI.
+
+    Those tools take the prompt word from the file name, so `path` is best an existing folder:
+    the file is then `path/<name>.safetensors`. `name` and `step` go into the safetensors
+    metadata; a second tensor would make the webui reject the file. Returns the file written.
+    """
+    if not name or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"embedding name {name!r} must be non-empty and without path separators")
+    vectors = _check_vectors(vectors)
+    out = _output_file(path, f"{name}.safetensors")
+    metadata = {"name": name}
+    if step is not None:
+        metadata["step"] = str(int(step))
+    _atomic_write_bytes(out, lambda: safetensors.numpy.save({A1111_KEY: vectors}, metadata))
+    return out
+
+
+def export_unet(
+    folder: str | os.PathLike, unet_module: UNet2DConditionModel, unet_params: weights.Params
+) -> Path:
+    """Write `folder/unet/` (config.json + safetensors) for `UNet2DConditionModel.from_pretrained`.
+
+    The folder is built beside the destination and renamed into place; an existing `unet/` is
+    replaced only once the new one is complete. Returns the `unet/` folder.
+    """
+    target = Path(folder) / "unet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _temp_sibling(target, "tmp")
+    staging.mkdir()
+    try:
+        weights.save_unet(staging, unet_module, unet_params)
+        if target.exists():
+            # A folder cannot be renamed over a non-empty one: move the old one aside first,
+            # and back if the new one cannot take its place.
+            old = _temp_sibling(target, "old")
+            os.replace(target, old)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
