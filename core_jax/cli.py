@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app
 
     module = importlib.import_module(f"core_jax.commands.{command}")
-    app.run(module.main, argv=[f"core-jax {command}", *argv[2:]])
+    flags = argv[2:]
+    if not any(f.startswith(("--verbosity", "-v")) for f in flags):
+        flags = ["--verbosity=-1", *flags]  # absl's INFO chatter (Orbax) off unless asked for
+    app.run(module.main, argv=[f"core-jax {command}", *flags])
 
 
 if __name__ == "__main__":

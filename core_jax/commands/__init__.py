@@ -1,0 +1,18 @@
+"""One module per `core-jax` command; each defines its absl flags and `main(argv)`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from core_jax.errors import InputError
+
+
+def run_reporting_input_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Bad input ends the command with its one-line message and exit code 2, no traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as err:
+        print(f"core-jax: {err}", file=sys.stderr)
+        sys.exit(2)

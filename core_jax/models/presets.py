@@ -1,7 +1,7 @@
 """Named model shapes (DESIGN.md "Reference shapes") for tests, benchmarks and the default run.
 
-Every preset keeps SD 1.x's topology (3 cross-attention down blocks + 1 plain, mirrored up;
-16 cross-attention layers); only widths and depths shrink.
+Every preset but `micro` keeps SD 1.x's topology (3 cross-attention down blocks + 1 plain,
+mirrored up; 16 cross-attention layers); only widths and depths shrink.
 """
 
 from __future__ import annotations
@@ -33,6 +33,22 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16,
                       sample_size=64),
+    ),
+    # Fewer blocks for end-to-end tests of the CLI (4 cross-attention layers, 16 px images):
+    # every code path of the step, a fraction of the compile time.
+    "micro": ModelPreset(
+        unet=UNetConfig(
+            sample_size=8, block_out_channels=(32, 32), attention_head_dim=2,
+            cross_attention_dim=32, norm_num_groups=16, layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        text=CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            projection_dim=32,
+        ),
+        vae=VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=16,
+                      sample_size=16),
     ),
     # DESIGN.md bench-small: the benchmark shape; 256 px images, 32x32 latents.
     "bench_small": ModelPreset(

@@ -112,14 +112,12 @@ class Stage1Batch:
     template: jax.Array  # [C_l] index of each concept's regularization template
 
 
-def draw_stage1_batch(
-    state: EmbeddingState, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array
+def draw_batch(
+    rng: jax.Array, step: jax.Array, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array
 ) -> Stage1Batch:
-    """The step's randomness: per concept from its own key and step, per row from its global
-    index in `rows` [b_l], so any split over devices draws the same numbers."""
-    keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(
-        state.rng, state.step
-    )
+    """A step's randomness: per concept from its own key rng [C_l, 2] and step [C_l], per row
+    from its global index in `rows` [b_l], so any split over devices draws the same numbers."""
+    keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(rng, step)
     template_keys, row_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     pool_size, latent_shape = data.latent_mean.shape[1], data.latent_mean.shape[2:]
     view, latent_eps, timesteps, noise = jax.vmap(
@@ -267,7 +265,7 @@ def stage1_step(
     n_data = jax.lax.axis_size(DATA_AXIS)
     b_local = config.batch_size // n_data
     rows = jax.lax.axis_index(DATA_AXIS) * b_local + jnp.arange(b_local)
-    batch = draw_stage1_batch(state, data, schedule, rows)
+    batch = draw_batch(state.rng, state.step, data, schedule, rows)
     loss_fn = functools.partial(
         stage1_loss, batch=batch, data=data, hypers=hypers, frozen=frozen, schedule=schedule,
         text_encoder=text_encoder, unet=unet, config=config, n_data=n_data,
@@ -326,24 +324,35 @@ def make_mesh(num_concept_shards: int = 1, devices: list | None = None) -> Mesh:
     return Mesh(grid, (CONCEPT_AXIS, DATA_AXIS))
 
 
-def shard_stage1_step(mesh: Mesh, **step_kwargs: Any) -> StepFn:
-    """The step as one jitted program over `mesh`: state and concept data split over `concept`,
-    rows over `data`, frozen weights replicated and passed as arguments; the state is donated."""
-    per_device = functools.partial(stage1_step, **step_kwargs)
-    specs = (P(CONCEPT_AXIS),) * 3 + (P(), P())
+def jit_on_mesh(
+    per_device: Callable, mesh: Mesh, in_specs: tuple, out_specs: tuple
+) -> Callable:
+    """`per_device` as one jitted program over `mesh` (`shard_map`), first argument donated.
+
+    Inputs are placed on their shardings before the call (a no-op once they live there), so the
+    first call's cache key equals later ones, whose state comes back sharded: one compilation
+    per configuration. The jitted function is `.jitted`, for lowering and cost analysis."""
     sharded = jax.shard_map(
-        per_device, mesh=mesh, in_specs=specs, out_specs=(P(CONCEPT_AXIS),) * 2, check_vma=False,
+        per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )
     jitted = jax.jit(sharded, donate_argnums=0)
-    shardings = [NamedSharding(mesh, spec) for spec in specs]
+    shardings = [NamedSharding(mesh, spec) for spec in in_specs]
 
-    def step(*args: Any) -> tuple[EmbeddingState, dict[str, jax.Array]]:
-        # Placing inputs (a no-op once they live there) keeps the first call's cache key equal
-        # to later ones, whose state comes back sharded: one compilation per configuration.
+    def call(*args: Any) -> Any:
         return jitted(*(jax.device_put(a, s) for a, s in zip(args, shardings, strict=True)))
 
-    step.jitted = jitted  # for lowering and cost analysis
-    return step
+    call.jitted = jitted
+    return call
+
+
+def shard_stage1_step(mesh: Mesh, **step_kwargs: Any) -> StepFn:
+    """The step over `mesh`: state and concept data split over `concept`, rows over `data`,
+    frozen weights replicated and passed as arguments; the state is donated."""
+    concept = P(CONCEPT_AXIS)
+    return jit_on_mesh(
+        functools.partial(stage1_step, **step_kwargs), mesh,
+        in_specs=(concept, concept, concept, P(), P()), out_specs=(concept, concept),
+    )
 
 
 def pmap_stage1_step(devices: list | None = None, **step_kwargs: Any) -> StepFn:

@@ -1,0 +1,26 @@
+"""core-jax train --config configs/<name>.py --workdir DIR [--config.x.y=value ...]"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, samples and exports go")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "start afresh in a workdir of another run")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at_step", None, "checkpoint and exit when this global step is reached (resume later)"
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    from core_jax.commands import run_reporting_input_errors
+    from core_jax.train.loop import train
+
+    run_reporting_input_errors(
+        train, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
+        stop_at_step=_STOP_AT.value,
+    )

@@ -1,0 +1,347 @@
+"""Text-to-image sampling with a trained concept: prompts + learned vectors -> uint8 images.
+
+Text encoding, the whole classifier-free-guided denoising chain and the VAE decode are one
+compiled program. Every weight, the learned vectors, the seed and the guidance scale are runtime
+arguments, so the program is compiled once per (prompt count, images per prompt, image size,
+sampler, steps, eta) and reused for other prompts, vectors, seeds and scales; XLA never folds the
+weights into it as constants (DESIGN.md, performance principles 2 and 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import CLIPTokenizer
+
+from core_jax.diffusion import SAMPLERS, NoiseSchedule, guided, make_schedule, sample
+from core_jax.models.clip_text import CLIPTextModel
+from core_jax.models.presets import get_preset
+from core_jax.models.unet import UNet2DConditionModel
+from core_jax.models.vae import AutoencoderKL
+from core_jax.text import (
+    add_placeholder_tokens,
+    load_tokenizer,
+    placeholder_slots,
+    placeholder_string,
+    tokenize,
+)
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(eq=False)
+class Pipeline:
+    """Frozen models, their weights and a tokenizer that knows the concept's placeholder tokens.
+
+    ``placeholder_ids`` are the V ids ``add_placeholder_tokens(tokenizer, placeholder, V)``
+    returned (empty for the base model alone); the learned vectors ``[V, D]`` passed to
+    ``generate`` fill those positions in that order. Compiled programs are cached on the instance.
+    """
+
+    tokenizer: CLIPTokenizer
+    placeholder_ids: tuple[int, ...]
+    text_encoder: CLIPTextModel
+    text_params: Params
+    unet: UNet2DConditionModel
+    unet_params: Params
+    vae: AutoencoderKL
+    vae_params: Params
+    schedule: NoiseSchedule
+    placeholder: str = "<s*>"
+    _encode_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
+    _sample_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.placeholder_ids = tuple(int(i) for i in self.placeholder_ids)
+        # Only the (hashable, weightless) modules are bound; weights stay jit arguments.
+        self._encode_fn = jax.jit(functools.partial(_encode, self.text_encoder))
+        self._sample_fn = jax.jit(
+            functools.partial(_sample, self.text_encoder, self.unet, self.vae),
+            static_argnames=(
+                "num_inference_steps", "sampler", "eta", "images_per_prompt", "latent_hw",
+                "decode",
+            ),
+        )
+
+    @property
+    def params(self) -> Params:
+        return {"text": self.text_params, "unet": self.unet_params, "vae": self.vae_params}
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the text encoder's hidden size (the learned vectors' width)."""
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_factor(self) -> int:
+        """The U-Net's total downsampling: latent sides must be multiples of it."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def _encode(
+    text_encoder: CLIPTextModel,
+    text_params: Params,
+    ids: jax.Array,
+    mask: jax.Array,
+    slot: jax.Array,
+    learned: jax.Array,
+) -> jax.Array:
+    """Last hidden state ``[N, T, D]`` of ids ``[N, T]``, learned ``[V, D]`` injected where mask
+    ``[N, T]`` is set (``slot`` ``[N, T]`` picks which vector)."""
+    out = text_encoder.apply(
+        {"params": text_params}, ids, inject_embeds=learned[slot], inject_mask=mask
+    )
+    return out.last_hidden_state
+
+
+def _sample(
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    params: Params,
+    schedule: NoiseSchedule,
+    ids: jax.Array,
+    mask: jax.Array,
+    slot: jax.Array,
+    learned: jax.Array,
+    key: jax.Array,
+    guidance_scale: jax.Array,
+    *,
+    num_inference_steps: int,
+    sampler: str,
+    eta: float,
+    images_per_prompt: int,
+    latent_hw: tuple[int, int],
+    decode: bool,
+) -> jax.Array:
+    """Row 0 of ids ``[1 + N, T]`` is the unconditional prompt, rows 1.. the N prompts.
+
+    Returns ``[N * images_per_prompt, H, W, 3]`` uint8 images if ``decode``, else the final
+    U-Net-scale latents ``[N * images_per_prompt, h, w, C]`` float32; prompt-major order.
+    """
+    # The unconditional prompt rides along in the same text-encoder call.
+    context = _encode(text_encoder, params["text"], ids, mask, slot, learned)
+    cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
+    uncond = jnp.broadcast_to(context[:1], cond.shape)
+    both = jnp.concatenate([uncond, cond])  # guided()'s order: unconditional half first
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return unet.apply({"params": params["unet"]}, x, t, both)
+
+    k_init, k_eta = jax.random.split(key)
+    shape = (cond.shape[0], *latent_hw, unet.config.in_channels)
+    x_T = jax.random.normal(k_init, shape, jnp.float32)
+    latents = sample(
+        guided(model_fn, guidance_scale), x_T, schedule, num_inference_steps, sampler, eta, k_eta
+    )
+    if not decode:
+        return latents
+    images = vae.apply(
+        {"params": params["vae"]}, latents / vae.config.scaling_factor, method=AutoencoderKL.decode
+    )
+    # Same mapping as core_jax.data.to_uint8, done on device so only bytes come back.
+    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def _expand_placeholder(pipeline: Pipeline, prompt: str) -> str:
+    """Writes each bare placeholder ("<s*>") as all V tokens ("<s*> <s*>_1 ..."), leaving
+    already-expanded ones alone, as diffusers' textual-inversion loader does."""
+    num_vectors = len(pipeline.placeholder_ids)
+    if num_vectors < 2:
+        return prompt
+    full = placeholder_string(pipeline.placeholder, num_vectors)
+    bare = re.escape(pipeline.placeholder) + r"(?!_\d)"
+    return re.sub(f"{re.escape(full)}|{bare}", lambda _: full, prompt)
+
+
+def _prompt_arrays(
+    pipeline: Pipeline, prompts: Sequence[str], learned: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, slot) ``[N, 77]`` and the learned vectors ``[max(V, 1), D]`` float32."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a string")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    ids = tokenize(pipeline.tokenizer, [_expand_placeholder(pipeline, p) for p in prompts])
+    num_vectors, dim = len(pipeline.placeholder_ids), pipeline.embed_dim
+    if num_vectors:
+        mask, slot = placeholder_slots(ids, pipeline.placeholder_ids)
+    else:  # the base model alone
+        mask, slot = np.zeros(ids.shape, bool), np.zeros(ids.shape, np.int32)
+    if learned is None:
+        if mask.any():
+            raise ValueError("a prompt contains the placeholder but no learned vectors were given")
+        # Zeros in the same shape as real vectors: the program does not depend on which it got.
+        return ids, mask, slot, np.zeros((max(num_vectors, 1), dim), np.float32)
+    if not num_vectors:
+        raise ValueError("learned vectors given, but the pipeline has no placeholder tokens")
+    learned = np.asarray(learned, np.float32)
+    if learned.shape != (num_vectors, dim):
+        raise ValueError(
+            f"learned vectors must be [V, D] = [{num_vectors}, {dim}], got {learned.shape}"
+        )
+    return ids, mask, slot, learned
+
+
+def encode_prompts(
+    pipeline: Pipeline, prompts: Sequence[str], learned: np.ndarray | None = None
+) -> np.ndarray:
+    """Text-encoder last hidden state ``[N, 77, D]`` float32 of N prompts.
+
+    The placeholder ("<s*>", standing for all V tokens, or written out as ``placeholder_string``)
+    takes the learned vectors ``[V, D]``; ``learned`` may be None only if no prompt has it.
+    """
+    ids, mask, slot, learned = _prompt_arrays(pipeline, prompts, learned)
+    return np.asarray(pipeline._encode_fn(pipeline.text_params, ids, mask, slot, learned))
+
+
+def _latent_hw(pipeline: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    vae_factor, unet_factor = pipeline.vae_factor, pipeline.unet_factor
+    default = pipeline.unet.config.sample_size * vae_factor
+    height = default if height is None else height
+    width = default if width is None else width
+    if height <= 0 or width <= 0 or height % vae_factor or width % vae_factor:
+        raise ValueError(
+            f"height and width must be positive multiples of the VAE factor {vae_factor}, "
+            f"got height={height}, width={width}"
+        )
+    latent_hw = (height // vae_factor, width // vae_factor)
+    # Our U-Net's skip connections need every downsampled size exact (diffusers pads instead).
+    if latent_hw[0] % unet_factor or latent_hw[1] % unet_factor:
+        raise ValueError(
+            f"height and width must be multiples of {vae_factor * unet_factor} (VAE factor "
+            f"{vae_factor} x U-Net factor {unet_factor}), got height={height}, width={width}"
+        )
+    return latent_hw
+
+
+def _run(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    learned: np.ndarray | None,
+    *,
+    num_images_per_prompt: int,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    eta: float,
+    decode: bool,
+) -> np.ndarray:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    latent_hw = _latent_hw(pipeline, height, width)
+    ids, mask, slot, learned = _prompt_arrays(pipeline, [""] + list(prompts), learned)
+    out = pipeline._sample_fn(
+        pipeline.params, pipeline.schedule, ids, mask, slot, learned, jax.random.key(seed),
+        jnp.float32(guidance_scale), num_inference_steps=steps, sampler=sampler,
+        eta=float(eta), images_per_prompt=num_images_per_prompt, latent_hw=latent_hw,
+        decode=decode,
+    )
+    return np.asarray(out)
+
+
+def generate(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    learned: np.ndarray | None = None,
+    *,
+    num_images_per_prompt: int = 1,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+) -> np.ndarray:
+    """Images ``[N * num_images_per_prompt, H, W, 3]`` uint8 for N prompts, prompt-major.
+
+    Classifier-free guidance against the empty prompt, both halves in one U-Net call per step.
+    ``learned`` ``[V, D]`` fills the placeholder positions (see ``encode_prompts``). ``height`` /
+    ``width`` default to the U-Net's ``sample_size`` times the VAE factor. The result depends only
+    on the arguments: the initial noise and DDIM's ``eta`` noise come from ``seed``.
+    """
+    return _run(
+        pipeline, prompts, learned, num_images_per_prompt=num_images_per_prompt, steps=steps,
+        sampler=sampler, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
+        eta=eta, decode=True,
+    )
+
+
+def generate_latents(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    learned: np.ndarray | None = None,
+    *,
+    num_images_per_prompt: int = 1,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+) -> np.ndarray:
+    """``generate`` without the decode: final latents ``[N * k, h, w, C]`` float32, U-Net scale
+    (divide by ``vae.config.scaling_factor`` before ``AutoencoderKL.decode``).
+
+    The initial noise is ``jax.random.normal(jax.random.split(jax.random.key(seed))[0],
+    [N * k, h, w, C])``.
+    """
+    return _run(
+        pipeline, prompts, learned, num_images_per_prompt=num_images_per_prompt, steps=steps,
+        sampler=sampler, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
+        eta=eta, decode=False,
+    )
+
+
+def random_pipeline(preset: str = "tiny", seed: int = 0, num_vectors: int = 1) -> Pipeline:
+    """A pipeline of ``core_jax.models.presets`` shapes with random weights and the "<s*>"
+    placeholder of ``num_vectors`` tokens, for tests and demos; SD's noise schedule."""
+    shapes = get_preset(preset)
+    text_encoder = CLIPTextModel(shapes.text)
+    unet = UNet2DConditionModel(shapes.unet)
+    vae = AutoencoderKL(shapes.vae)
+    k_text, k_unet, k_vae = jax.random.split(jax.random.key(seed), 3)
+    size = shapes.unet.sample_size
+    text_params = jax.jit(text_encoder.init)(k_text, jnp.zeros((1, 77), jnp.int32))["params"]
+    unet_params = jax.jit(unet.init)(
+        k_unet, jnp.zeros((1, size, size, shapes.unet.in_channels)), jnp.zeros((1,)),
+        jnp.zeros((1, 77, shapes.unet.cross_attention_dim)),
+    )["params"]
+    # __call__ runs encode and decode, so one init creates both halves' parameters.
+    image_size = size * 2 ** (len(shapes.vae.block_out_channels) - 1)
+    vae_params = jax.jit(vae.init)(
+        k_vae, jnp.zeros((1, image_size, image_size, shapes.vae.in_channels))
+    )["params"]
+    tokenizer = load_tokenizer()
+    placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", num_vectors)
+    return Pipeline(
+        tokenizer=tokenizer,
+        placeholder="<s*>",
+        placeholder_ids=tuple(placeholder_ids),
+        text_encoder=text_encoder,
+        text_params=text_params,
+        unet=unet,
+        unet_params=unet_params,
+        vae=vae,
+        vae_params=vae_params,
+        schedule=make_schedule(),
+    )

@@ -1,0 +1,94 @@
+"""What a person watching a run sees and keeps: a progress bar, metrics.jsonl, TensorBoard
+events, sample grids and, at the end, a PNG of the loss curves."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+_SHOWN = ("loss", "diffusion", "emb", "attn", "pairwise", "hinge")
+
+
+class RunLog:
+    def __init__(self, workdir: Path, total_steps: int, start_step: int):
+        self.path = workdir / "metrics.jsonl"
+        self._drop_lines_after(start_step)  # steps logged after the restored checkpoint redo
+        self.file = self.path.open("a")
+        self.tensorboard = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record
+            pass
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._last_time, self._last_step = time.perf_counter(), start_step
+
+    def _drop_lines_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def scalars(self, stage: int, step: int, metrics: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        values = {k: float(np.mean(v)) for k, v in metrics.items()}
+        values["steps_per_s"] = steps_per_s
+        self.file.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f"stage{stage}/{name}", value, step)
+        shown = {k: f"{values[k]:.4g}" for k in _SHOWN if k in values}
+        self.bar.set_postfix(stage=stage, **shown, it_s=f"{steps_per_s:.2f}")
+        self.advance(step)
+
+    def image(self, tag: str, step: int, grid: np.ndarray) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """One panel per logged loss term, both stages on a shared step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    terms = [t for t in _SHOWN if any(t in r for r in records)]
+    if not records or not terms:
+        return None
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    for ax, term in zip(axes[0], terms, strict=True):
+        for stage in (1, 2):
+            points = [(r["step"], r[term]) for r in records if r["stage"] == stage and term in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=f"stage {stage}")
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
