@@ -2,7 +2,7 @@
 
 Our random tiny models are exported with `core_jax.weights` and loaded by diffusers and
 transformers; both sides get the same latents, noise, timesteps and template (drawn by our
-step's own `draw_stage1_batch`). The PyTorch side (`benchmarks/torch_reference.py`) puts the
+step's own `draw_batch`). The PyTorch side (`benchmarks/torch_reference.py`) puts the
 learned vectors in the embedding table and runs the official structure: caption pass, y* pass
 with gradient, y_cat pass without, attention probabilities recorded by a processor.
 
@@ -37,7 +37,7 @@ from core_jax.text import (  # noqa: E402
     placeholder_string,
     regularization_prompts,
 )
-from core_jax.train.step import draw_stage1_batch, stage1_loss  # noqa: E402
+from core_jax.train.step import draw_batch, stage1_loss  # noqa: E402
 from core_jax.train.synthetic import random_stage1_setup  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def test_core_step_matches_pytorch(tmp_path, variant):
     embeds = setup.state.embeds + 0.02 * jax.random.normal(
         jax.random.key(1), setup.state.embeds.shape
     )
-    draw = jax.jit(functools.partial(draw_stage1_batch, rows=jnp.arange(batch)))
-    inputs = draw(setup.state, setup.data, setup.schedule)
+    draw = jax.jit(functools.partial(draw_batch, rows=jnp.arange(batch)))
+    inputs = draw(setup.state.rng, setup.state.step, setup.data, setup.schedule)
     loss_fn = functools.partial(
         stage1_loss, text_encoder=setup.text_encoder, unet=setup.unet, config=setup.config
     )
