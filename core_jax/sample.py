@@ -326,11 +326,11 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, num_vectors: int = 1) -
         k_unet, jnp.zeros((1, size, size, shapes.unet.in_channels)), jnp.zeros((1,)),
         jnp.zeros((1, 77, shapes.unet.cross_attention_dim)),
     )["params"]
-    # __call__ runs encode and decode, so one init creates both halves' parameters.
-    image_size = size * 2 ** (len(shapes.vae.block_out_channels) - 1)
-    vae_params = jax.jit(vae.init)(
-        k_vae, jnp.zeros((1, image_size, image_size, shapes.vae.in_channels))
-    )["params"]
+    # __call__ runs encode and decode, so one init creates both halves' parameters. The smallest
+    # image (one latent pixel) gives the same parameters and compiles ~10x faster than 64 px.
+    factor = 2 ** (len(shapes.vae.block_out_channels) - 1)
+    image = jnp.zeros((1, factor, factor, shapes.vae.in_channels))
+    vae_params = jax.jit(vae.init)(k_vae, image)["params"]
     tokenizer = load_tokenizer()
     placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", num_vectors)
     return Pipeline(
