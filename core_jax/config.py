@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.sample.images_per_prompt = 2
 
+    c.max_nonfinite = 10  # stop after this many steps in a row skipped for NaN/inf
     c.log_every = 10
     c.checkpoint_every = 50
     c.keep_checkpoints = 3

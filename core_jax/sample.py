@@ -22,7 +22,7 @@ from transformers import CLIPTokenizer
 
 from core_jax.diffusion import SAMPLERS, NoiseSchedule, guided, make_schedule, sample
 from core_jax.models.clip_text import CLIPTextModel
-from core_jax.models.presets import get_preset
+from core_jax.models.presets import random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
@@ -315,33 +315,18 @@ def generate_latents(
 def random_pipeline(preset: str = "tiny", seed: int = 0, num_vectors: int = 1) -> Pipeline:
     """A pipeline of ``core_jax.models.presets`` shapes with random weights and the "<s*>"
     placeholder of ``num_vectors`` tokens, for tests and demos; SD's noise schedule."""
-    shapes = get_preset(preset)
-    text_encoder = CLIPTextModel(shapes.text)
-    unet = UNet2DConditionModel(shapes.unet)
-    vae = AutoencoderKL(shapes.vae)
-    k_text, k_unet, k_vae = jax.random.split(jax.random.key(seed), 3)
-    size = shapes.unet.sample_size
-    text_params = jax.jit(text_encoder.init)(k_text, jnp.zeros((1, 77), jnp.int32))["params"]
-    unet_params = jax.jit(unet.init)(
-        k_unet, jnp.zeros((1, size, size, shapes.unet.in_channels)), jnp.zeros((1,)),
-        jnp.zeros((1, 77, shapes.unet.cross_attention_dim)),
-    )["params"]
-    # __call__ runs encode and decode, so one init creates both halves' parameters. The smallest
-    # image (one latent pixel) gives the same parameters and compiles ~10x faster than 64 px.
-    factor = 2 ** (len(shapes.vae.block_out_channels) - 1)
-    image = jnp.zeros((1, factor, factor, shapes.vae.in_channels))
-    vae_params = jax.jit(vae.init)(k_vae, image)["params"]
+    models = random_models(preset, seed)
     tokenizer = load_tokenizer()
     placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", num_vectors)
     return Pipeline(
         tokenizer=tokenizer,
         placeholder="<s*>",
         placeholder_ids=tuple(placeholder_ids),
-        text_encoder=text_encoder,
-        text_params=text_params,
-        unet=unet,
-        unet_params=unet_params,
-        vae=vae,
-        vae_params=vae_params,
+        text_encoder=models.text_encoder,
+        text_params=models.params["text"],
+        unet=models.unet,
+        unet_params=models.params["unet"],
+        vae=models.vae,
+        vae_params=models.params["vae"],
         schedule=make_schedule(),
     )

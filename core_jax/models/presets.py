@@ -7,10 +7,15 @@ mirrored up; 16 cross-attention layers); only widths and depths shrink.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from core_jax.models.clip_text import CLIPTextConfig
-from core_jax.models.unet import UNetConfig
-from core_jax.models.vae import VAEConfig
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from core_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from core_jax.models.unet import UNet2DConditionModel, UNetConfig
+from core_jax.models.vae import AutoencoderKL, VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +88,45 @@ def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclasses.dataclass
+class RandomModels:
+    """Modules of a preset and random parameters for them: {"text", "unet", "vae"}."""
+
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    params: dict[str, Any]
+
+
+def random_models(
+    preset: str | ModelPreset, seed: int = 0, dtype: jnp.dtype = jnp.float32
+) -> RandomModels:
+    """Random-weight models of a preset (the embedded default, tests, benchmarks).
+
+    `lazy_init` on shape-only inputs creates the parameters without running the models, so the
+    compiled init holds no forward pass; values depend only on the seed and the shapes.
+    """
+    shapes = get_preset(preset) if isinstance(preset, str) else preset
+    text_encoder = CLIPTextModel(shapes.text, dtype)
+    unet = UNet2DConditionModel(shapes.unet, dtype)
+    vae = AutoencoderKL(shapes.vae, dtype)
+    k_text, k_unet, k_vae = jax.random.split(jax.random.key(seed), 3)
+    factor = 2 ** (len(shapes.vae.block_out_channels) - 1)
+    unet_size = 2 ** (len(shapes.unet.block_out_channels) - 1)
+    f32 = jnp.float32
+
+    def init(module: nn.Module, key: jax.Array, *shapes_and_dtypes: tuple) -> Any:
+        args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes_and_dtypes]
+        return jax.jit(lambda k: module.lazy_init(k, *args)["params"])(key)
+
+    params = {
+        "text": init(text_encoder, k_text, ((1, shapes.text.max_position_embeddings), jnp.int32)),
+        "unet": init(
+            unet, k_unet, ((1, unet_size, unet_size, shapes.unet.in_channels), f32), ((1,), f32),
+            ((1, 1, shapes.unet.cross_attention_dim), f32),
+        ),
+        "vae": init(vae, k_vae, ((1, factor, factor, shapes.vae.in_channels), f32)),
+    }
+    return RandomModels(text_encoder, unet, vae, params)

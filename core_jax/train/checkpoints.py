@@ -15,6 +15,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 
+def checkpoint_items(directory: Path, step: int) -> list[str]:
+    """Names of the items saved at `step` (their sub-folders; Orbax's own files start with _)."""
+    step_dir = Path(directory) / str(step)
+    return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
 class RunCheckpoints:
     def __init__(self, directory: Path, keep: int, stage_ends: list[int]):
         options = ocp.CheckpointManagerOptions(
@@ -29,8 +35,8 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def items(self, step: int) -> set[str]:
-        return set(self.manager.item_metadata(step).keys())
+    def items(self, step: int) -> list[str]:
+        return checkpoint_items(self.manager.directory, step)
 
     def save(self, step: int, items: dict[str, Any]) -> None:
         """Save `items` at `step` (once: a step saved already is left as it is)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from core_jax import export
 from core_jax.data import save_image_grid
-from core_jax.errors import InputError
+from core_jax.errors import InputError, NonFiniteError
 from core_jax.sample import Pipeline, encode_prompts, generate
 from core_jax.text import add_placeholder_tokens, caption_ids, placeholder_string
 from core_jax.train import setup as run_setup
@@ -101,6 +101,16 @@ def _stage1_config(config: ml_collections.ConfigDict, caption: np.ndarray, place
         rescale_start=s1.rescale_start,
         rescale_end=s1.rescale_end,
         min_snr_gamma=s1.min_snr_gamma or None,
+    )
+
+
+def _nonfinite_message(stage: int, step: int, streak: int, metrics: dict[str, Any]) -> str:
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))]
+    what = ", ".join(bad) if bad else "the gradient"
+    return (
+        f"stage {stage} step {step}: {streak} steps in a row skipped because {what} went "
+        "non-finite; the state is the last finite one (lower the learning rate, check the "
+        "photos, or try fp32)"
     )
 
 
@@ -185,6 +195,7 @@ def train(
     pipeline = Pipeline(
         models.tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
         models.unet, frozen["unet"], models.vae, models.params["vae"], models.schedule,
+        placeholder=config.concept.placeholder,
     )
 
     def sample_grid(tag: str, step: int, learned: jax.Array, unet_params: Any) -> Path:
@@ -221,6 +232,19 @@ def train(
     samples: list[Path] = []
     stop = StopRequests(stop_at_step)
 
+    def guard(stage: int, step: int, metrics: dict[str, Any]) -> None:
+        """Non-finite steps are skipped inside the step; too many in a row end the run."""
+        streak.append(bool(np.asarray(metrics["nonfinite"]).any()))
+        if len(streak) >= config.max_nonfinite and all(streak[-config.max_nonfinite:]):
+            checkpoints.close()
+            log.close()
+            stop.close()
+            raise NonFiniteError(_nonfinite_message(stage, step, len(streak), metrics))
+        if not streak[-1]:
+            streak.clear()
+
+    streak: list[bool] = []
+
     def stopped(step: int, items: dict[str, Any]) -> bool:
         if not stop(step):
             return False
@@ -238,8 +262,10 @@ def train(
     while step < s1.steps:
         state, metrics = stage1_step(state, data, hypers, frozen, models.schedule)
         step += 1
+        metrics = jax.device_get(metrics)
+        guard(1, step, metrics)
         if step % config.log_every == 0 or step == s1.steps:
-            log.scalars(1, step, jax.device_get(metrics))
+            log.scalars(1, step, metrics)
         if step % config.checkpoint_every == 0 or step == s1.steps:
             checkpoints.save(step, {"embedding": state})
         if config.sample.every and step % config.sample.every == 0 and step < s1.steps:
@@ -269,8 +295,10 @@ def train(
         while step < total_steps:
             unet_state, metrics = stage2_step(unet_state, data, context, models.schedule)
             step += 1
+            metrics = jax.device_get(metrics)
+            guard(2, step, metrics)
             if step % config.log_every == 0 or step == total_steps:
-                log.scalars(2, step, jax.device_get(metrics))
+                log.scalars(2, step, metrics)
             if step % config.checkpoint_every == 0 or step == total_steps:
                 checkpoints.save(step, {"embedding": state, "unet": unet_state})
             if config.sample.every and step % config.sample.every == 0 and step < total_steps:

@@ -17,7 +17,7 @@ from core_jax import weights
 from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
 from core_jax.errors import InputError
 from core_jax.models.clip_text import CLIPTextModel
-from core_jax.models.presets import get_preset
+from core_jax.models.presets import random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.text import load_templates, load_tokenizer
@@ -46,19 +46,9 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
         scheduler_config = path / "scheduler" / "scheduler_config.json"
         schedule = load_schedule(path) if scheduler_config.is_file() else make_schedule()
     else:
-        preset = get_preset(config.model.preset)
-        text_encoder = CLIPTextModel(preset.text, dtype)
-        unet = UNet2DConditionModel(preset.unet, dtype)
-        vae = AutoencoderKL(preset.vae, dtype)
-        k_text, k_unet, k_vae = jax.random.split(jax.random.key(config.seed), 3)
-        size = preset.unet.sample_size
-        text_params = jax.jit(text_encoder.init)(k_text, jnp.zeros((1, 77), jnp.int32))["params"]
-        unet_params = jax.jit(unet.init)(
-            k_unet, jnp.zeros((1, size, size, 4)), jnp.zeros((1,)),
-            jnp.zeros((1, 77, preset.unet.cross_attention_dim)),
-        )["params"]
-        image_size = size * 2 ** (len(preset.vae.block_out_channels) - 1)
-        vae_params = jax.jit(vae.init)(k_vae, jnp.zeros((1, image_size, image_size, 3)))["params"]
+        random = random_models(config.model.preset, config.seed, dtype)
+        text_encoder, unet, vae = random.text_encoder, random.unet, random.vae
+        text_params, unet_params, vae_params = (random.params[k] for k in ("text", "unet", "vae"))
         tokenizer = load_tokenizer()
         schedule = make_schedule()
     return Models(

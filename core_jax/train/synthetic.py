@@ -9,16 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, make_schedule
-from core_jax.models.clip_text import CLIPTextModel
-from core_jax.models.presets import get_preset
-from core_jax.models.unet import UNet2DConditionModel, UNetConfig
+from core_jax.models.presets import get_preset, random_models
+from core_jax.models.unet import UNetConfig
 from core_jax.text import (
     add_placeholder_tokens,
     caption_ids,
@@ -74,15 +72,11 @@ def random_stage1_setup(
     """C concepts (super-categories cycling through a fixed list, alternating animate and
     inanimate templates) on random-weight models of `preset`; `config` sets Stage1Config fields."""
     shapes = get_preset(preset)
-    unet_config = UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
-    text_encoder, unet = CLIPTextModel(shapes.text), UNet2DConditionModel(unet_config)
-    k_text, k_unet = jax.random.split(jax.random.key(seed))
-    size = unet_config.sample_size
-    text_params = jax.jit(text_encoder.init)(k_text, jnp.zeros((1, 77), jnp.int32))["params"]
-    unet_params = jax.jit(unet.init)(
-        k_unet, jnp.zeros((1, size, size, 4)), jnp.zeros((1,)),
-        jnp.zeros((1, 77, unet_config.cross_attention_dim)),
-    )["params"]
+    shapes = dataclasses.replace(
+        shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
+    )
+    models = random_models(shapes, seed)
+    size = shapes.unet.sample_size
 
     tokenizer = load_tokenizer()
     placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", num_vectors)
@@ -101,13 +95,15 @@ def random_stage1_setup(
          np.full((pool_size, size, size, 4), 0.05, np.float32))
         for _ in specs
     ]
-    data = build_concept_data(tokenizer, text_encoder, text_params, text, specs, pools)
+    data = build_concept_data(
+        tokenizer, models.text_encoder, models.params["text"], text, specs, pools
+    )
     optimizer = make_optimizer()
     init = jnp.repeat(data.super_embed[:, None], num_vectors, axis=1)
     return Stage1Setup(
-        text_encoder=text_encoder,
-        unet=unet,
-        frozen={"text": text_params, "unet": unet_params},
+        text_encoder=models.text_encoder,
+        unet=models.unet,
+        frozen={"text": models.params["text"], "unet": models.params["unet"]},
         data=data,
         hypers=ConceptHypers.broadcast(num_concepts, **{**CORE_WEIGHTS, **(weights or {})}),
         state=init_embedding_state(init, [s.seed for s in specs], optimizer),

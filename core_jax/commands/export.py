@@ -1,0 +1,24 @@
+"""core-jax export --workdir DIR [--out DIR]: exports from the run's newest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a core-jax train workdir")
+_OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/export)")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    from core_jax.commands import run_reporting_input_errors
+    from core_jax.train.outputs import export_run
+
+    written = run_reporting_input_errors(
+        export_run, Path(_WORKDIR.value), Path(_OUT.value) if _OUT.value else None
+    )
+    for path in written:
+        print(f"wrote {path}")

@@ -1,0 +1,35 @@
+"""core-jax sample --workdir DIR --prompt "a S* in the jungle" [--prompt ...] [--num_images 4]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a core-jax train workdir")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompt", None, "prompt(s); write the learned word as S*, {} or the placeholder itself"
+)
+_NUM = flags.DEFINE_integer("num_images", 4, "images per prompt")
+_STEPS = flags.DEFINE_integer("steps", None, "sampler steps (default: the run's config)")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m"], "default: the run's config")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "default: the run's config")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_BASE_UNET = flags.DEFINE_bool("base_unet", False, "use the base U-Net, not stage 2's")
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/sample_<time>.png)")
+flags.mark_flags_as_required(["workdir", "prompt"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    from core_jax.commands import run_reporting_input_errors
+    from core_jax.train.outputs import sample_run
+
+    path = run_reporting_input_errors(
+        sample_run, Path(_WORKDIR.value), list(_PROMPTS.value), num_images=_NUM.value,
+        steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_GUIDANCE.value,
+        seed=_SEED.value, use_stage2_unet=not _BASE_UNET.value,
+        out=Path(_OUT.value) if _OUT.value else None,
+    )
+    print(f"wrote {path}")

@@ -1,0 +1,117 @@
+"""Reading a run back from its workdir: `core-jax sample` and `core-jax export`."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from core_jax import export, weights
+from core_jax.data import save_image_grid
+from core_jax.errors import InputError
+from core_jax.sample import Pipeline, generate
+from core_jax.text import add_placeholder_tokens
+from core_jax.train import setup as run_setup
+from core_jax.train.checkpoints import checkpoint_items
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{workdir} is not a core-jax run (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def latest_checkpoint(workdir: Path) -> tuple[int, dict[str, Any]]:
+    """The newest complete checkpoint's arrays, as plain nested dicts (no target needed)."""
+    directory = (workdir / "checkpoints").absolute()
+    if not directory.is_dir():
+        raise InputError(f"{workdir} has no checkpoints yet")
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(directory, options=options) as m:
+        step = m.latest_step()
+        if step is None:
+            raise InputError(f"{workdir} has no complete checkpoint yet")
+        names = checkpoint_items(directory, step)
+        restored = m.restore(
+            step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
+        )
+        return step, {name: restored[name] for name in names}
+
+
+def expand_placeholder(prompt: str, placeholder: str) -> str:
+    """Users may write `S*` or `{}` for the learned word, or the placeholder itself; the
+    pipeline expands the placeholder into all of its vectors' tokens."""
+    return re.sub(r"(?<![<\w])S\*(?![\w>])", placeholder, prompt).replace("{}", placeholder)
+
+
+def sample_run(
+    workdir: Path,
+    prompts: list[str],
+    *,
+    num_images: int,
+    steps: int | None,
+    sampler: str | None,
+    guidance_scale: float | None,
+    seed: int,
+    use_stage2_unet: bool = True,
+    out: Path | None = None,
+) -> Path:
+    """Images of the run's concept for `prompts`, as one PNG grid (a row per prompt)."""
+    config = load_run_config(workdir)
+    embeds_path = workdir / "learned_embeds.safetensors"
+    if embeds_path.is_file():
+        _, learned = export.load_learned_embeds(embeds_path)
+    else:  # a run still in stage 1 (or stopped): its newest checkpoint
+        _, items = latest_checkpoint(workdir)
+        learned = np.asarray(items["embedding"]["embeds"][0])
+    models = run_setup.load_models(config)
+    unet_params = models.params["unet"]
+    if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
+        _, unet_params = weights.load_unet(workdir / "unet")
+    placeholder_ids = add_placeholder_tokens(
+        models.tokenizer, config.concept.placeholder, config.concept.num_vectors
+    )
+    pipeline = Pipeline(
+        models.tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
+        models.unet, unet_params, models.vae, models.params["vae"], models.schedule,
+        placeholder=config.concept.placeholder,
+    )
+    expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
+    images = generate(
+        pipeline, expanded, learned, num_images_per_prompt=num_images,
+        steps=steps or config.sample.steps, sampler=sampler or config.sample.sampler,
+        guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
+        seed=seed,
+    )
+    out = out or workdir / "samples" / f"sample_{time.strftime('%Y%m%d-%H%M%S')}.png"
+    return save_image_grid(images, out, nrow=num_images)
+
+
+def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
+    """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any."""
+    config = load_run_config(workdir)
+    out = out or workdir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    step, items = latest_checkpoint(workdir)
+    learned = np.asarray(items["embedding"]["embeds"][0])
+    written = [
+        export.save_learned_embeds(
+            out / "learned_embeds.safetensors", config.concept.placeholder, learned
+        ),
+    ]
+    (out / "a1111").mkdir(exist_ok=True)
+    written.append(export.save_a1111_embedding(
+        out / "a1111" / f"{config.concept.name}.safetensors", config.concept.name, learned,
+        step=min(step, config.stage1.steps),
+    ))
+    if "unet" in items:
+        models = run_setup.load_models(config)
+        written.append(export.export_unet(out, models.unet, items["unet"]["params"]))
+    return written
