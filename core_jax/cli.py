@@ -7,7 +7,9 @@ only the chosen one is imported, so commands never see each other's flags.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+import traceback
 
 COMMANDS = {
     "train": "train a concept (stage 1 embedding, then stage 2 U-Net) from a config",
@@ -25,6 +27,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from core_jax import _runtime
+
+    _runtime.configure_process(argv)  # before JAX starts; may re-execute this process once
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in {"-h", "--help", "help"}:
         print(_usage())
@@ -39,7 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     flags = argv[2:]
     if not any(f.startswith(("--verbosity", "-v")) for f in flags):
         flags = ["--verbosity=-1", *flags]  # absl's INFO chatter (Orbax) off unless asked for
-    app.run(module.main, argv=[f"core-jax {command}", *flags])
+    try:
+        app.run(module.main, argv=[f"core-jax {command}", *flags])
+    except (AttributeError, KeyError) as err:
+        # ml_collections rejects an unknown --config.x.y key while parsing flags.
+        frames = traceback.extract_tb(err.__traceback__)
+        if not any("config_flags" in frame.filename for frame in frames):
+            raise
+        key = re.search(r"(\w+)", str(err))
+        hint = re.search(r'Did you mean "(\w+)"', str(err))
+        suggestion = f"; did you mean {hint[1]!r}?" if hint else ""
+        print(f"core-jax: unknown config key {key[1] if key else err!r}{suggestion}",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
