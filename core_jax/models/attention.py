@@ -1,9 +1,45 @@
-"""Scaled dot-product attention on [B, N, H, D] tensors (queries, keys and values)."""
+"""Scaled dot-product attention on [B, N, H, D] tensors (queries, keys and values).
+
+Two ways to compute the same function:
+
+- `attention_probabilities` / `explicit_attention`: the whole [B, H, N, T] probability map. Cross-
+  attention uses it (77 keys are cheap, and the regularizers read the probabilities).
+- `chunked_attention`: flash-style, for long self-attention on CPU. Queries are processed in
+  chunks under `lax.map`/`lax.scan`, so the [chunk, T] score blocks stay in cache instead of
+  streaming 200 MB maps through memory; the backward pass (its own `custom_vjp`) recomputes the
+  probabilities from the saved log-sum-exp instead of storing them. Every matrix product is a
+  plain row-major `[G, M, K] @ [G, K, N]` (G = batch x heads leading), the one layout XLA:CPU
+  hands to its fast dot library; the backward works on transposed score blocks to keep it so.
+
+`dot_product_attention` picks: chunked on the CPU backend, explicit elsewhere (GPU/TPU compilers
+fuse the explicit form well, and a sequential chunk loop would only serialize them).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+
+# Queries per chunk. Measured on the bench-small shapes (1024 and 256 tokens, 8 heads, batch 6
+# and 12): 64 beat 16, 32, 128 and 256 by 10-40 % in fwd+bwd.
+CHUNK = 64
+_EXPLICIT_ONLY = contextvars.ContextVar("explicit_attention_only", default=False)
+
+
+@contextlib.contextmanager
+def explicit_attention_only() -> Iterator[None]:
+    """Functions traced inside the block use the explicit form everywhere. For XLA's cost
+    analysis, which counts a loop body once: the chunked loop would hide most attention FLOPs."""
+    token = _EXPLICIT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _EXPLICIT_ONLY.reset(token)
 
 
 def attention_probabilities(
@@ -16,9 +52,123 @@ def attention_probabilities(
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
+def explicit_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False
+) -> jax.Array:
+    """softmax(q k^T * scale) v through the full probability map, returned as [B, N, H, D]."""
+    probs = attention_probabilities(q, k, scale, upcast)
+    return jnp.einsum("bhnt,bthd->bnhd", probs.astype(v.dtype), v)
+
+
+def chunked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int = CHUNK
+) -> jax.Array:
+    """softmax(q k^T * scale) v, flash-style in query chunks; [B, N, H, D] in and out.
+
+    Math is fp32 whatever the input dtype; the result has v's dtype. Any N works: the queries
+    are zero-padded to a multiple of `chunk` (padded rows get no gradient and are dropped).
+    """
+    batch, n_q, heads, dim = q.shape
+
+    def groups(x: jax.Array) -> jax.Array:  # [B, N, H, D] -> [B*H, N, D]
+        return x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(batch * heads, -1, dim)
+
+    chunk = min(chunk, n_q)
+    pad = -n_q % chunk
+    qg = groups(q) * scale
+    if pad:
+        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0)))
+    out = _flash(qg, groups(k), groups(v), chunk)[:, :n_q]
+    return out.reshape(batch, heads, n_q, dim).transpose(0, 2, 1, 3).astype(v.dtype)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False
 ) -> jax.Array:
-    """softmax(q k^T * scale) v, returned as [B, N, H, D]."""
-    probs = attention_probabilities(q, k, scale, upcast)
-    return jnp.einsum("bhnt,bthd->bnhd", probs.astype(v.dtype), v)
+    """softmax(q k^T * scale) v as [B, N, H, D]: chunked on CPU when there are several chunks
+    of queries, explicit elsewhere (and for short sequences, where it is as fast)."""
+    chunked = jax.default_backend() == "cpu" and not _EXPLICIT_ONLY.get()
+    if chunked and q.shape[1] > CHUNK:
+        return chunked_attention(q, k, v, scale)
+    return explicit_attention(q, k, v, scale, upcast)
+
+
+def _split(x: jax.Array, chunk: int) -> jax.Array:
+    """[G, N, ...] -> [N / chunk, G, chunk, ...]: chunks leading, for map/scan."""
+    g, n = x.shape[:2]
+    return x.reshape((g, n // chunk, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    """Inverse of `_split`."""
+    x = x.swapaxes(0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Output [G, N, D] and log-sum-exp [G, N] for pre-scaled q [G, N, D], k, v [G, T, D]."""
+    k_t = k.swapaxes(1, 2)  # [G, D, T], once, so each chunk's q @ k_t is row-major
+
+    def one(q_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scores = q_c @ k_t  # [G, c, T]
+        peak = jnp.max(scores, axis=-1, keepdims=True)
+        e = jnp.exp(scores - peak)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        return (e @ v) / total, (peak + jnp.log(total))[..., 0]
+
+    out, lse = jax.lax.map(one, _split(q, chunk))
+    return _merge(out), _merge(lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+    return _forward(q, k, v, chunk)[0]
+
+
+def _flash_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, chunk: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    out, lse = _forward(q, k, v, chunk)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(
+    chunk: int, residuals: tuple[jax.Array, ...], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, out, lse = residuals
+    # Softmax backward's row term: sum_t p * dp = sum_d out * d_out.
+    row_dot = jnp.sum(d_out * out, axis=-1)  # [G, N]
+    k_t = k.swapaxes(1, 2)
+
+    def body(
+        carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]
+    ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        dk, dv = carry
+        q_c, q_c_t, do_c, do_c_t, lse_c, row_c = xs
+        # Transposed blocks [G, T, c]: keys on rows, so all five products below are row-major.
+        p_t = jnp.exp(k @ q_c_t - lse_c[:, None, :])
+        dv = dv + p_t @ do_c
+        ds_t = p_t * (v @ do_c_t - row_c[:, None, :])
+        dk = dk + ds_t @ q_c
+        return (dk, dv), k_t @ ds_t  # dq^T of the chunk, [G, D, c]
+
+    q_t, do_t = q.swapaxes(1, 2), d_out.swapaxes(1, 2)  # [G, D, N]
+    n_chunks = q.shape[1] // chunk
+
+    def split_t(x_t: jax.Array) -> jax.Array:  # [G, D, N] -> [n, G, D, c]
+        g, d = x_t.shape[:2]
+        return x_t.reshape(g, d, n_chunks, chunk).transpose(2, 0, 1, 3)
+
+    (dk, dv), dq_t = jax.lax.scan(
+        body,
+        (jnp.zeros_like(k), jnp.zeros_like(v)),
+        (_split(q, chunk), split_t(q_t), _split(d_out, chunk), split_t(do_t),
+         _split(lse, chunk), _split(row_dot, chunk)),
+    )
+    dq = dq_t.transpose(1, 0, 3, 2).reshape(q.shape)  # [n, G, D, c] -> [G, N, D]
+    return dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
