@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "train a concept (stage 1 embedding, then stage 2 U-Net) from a config",
     "sample": "draw images of a trained concept: core-jax sample --workdir DIR --prompt '...'",
     "export": "write learned_embeds.safetensors, an A1111 embedding and the stage-2 U-Net",
+    "sweep": "train many concepts x settings in one compiled program per group",
     "bench": "time the step per regularizer variant (and against PyTorch)",
 }
 

@@ -105,8 +105,8 @@ def random_models(
 ) -> RandomModels:
     """Random-weight models of a preset (the embedded default, tests, benchmarks).
 
-    `lazy_init` on shape-only inputs creates the parameters without running the models, so the
-    compiled init holds no forward pass; values depend only on the seed and the shapes.
+    Inits run jitted on the smallest inputs that create every parameter and return only the
+    parameters, so XLA drops the forward pass; values depend only on the seed and the shapes.
     """
     shapes = get_preset(preset) if isinstance(preset, str) else preset
     text_encoder = CLIPTextModel(shapes.text, dtype)
@@ -118,8 +118,8 @@ def random_models(
     f32 = jnp.float32
 
     def init(module: nn.Module, key: jax.Array, *shapes_and_dtypes: tuple) -> Any:
-        args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes_and_dtypes]
-        return jax.jit(lambda k: module.lazy_init(k, *args)["params"])(key)
+        args = [jnp.zeros(shape, dt) for shape, dt in shapes_and_dtypes]
+        return jax.jit(lambda k: module.init(k, *args)["params"])(key)
 
     params = {
         "text": init(text_encoder, k_text, ((1, shapes.text.max_position_embeddings), jnp.int32)),

@@ -22,7 +22,7 @@ from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
 from core_jax.sample import Pipeline, encode_prompts, generate
-from core_jax.text import add_placeholder_tokens, caption_ids, placeholder_string
+from core_jax.text import fill_template
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
@@ -62,31 +62,61 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Refuse a workdir that holds a run of a different config, unless told to overwrite."""
+def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+    """Refuse, before anything is written: a workdir that is a file, one that holds a run of a
+    different config (unless told to overwrite), and an overwrite that would delete a folder
+    that is not a core-jax run or that holds the run's own photos or model."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is a file, not a folder")
     saved = workdir / "config.json"
-    current = json.loads(config.to_json())
-    if saved.exists() and not overwrite:
-        before = _flatten(json.loads(saved.read_text()))
-        now = _flatten(current)
-        changed = sorted(
-            k for k in before.keys() | now.keys()
-            if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
-        )
-        if changed:
+    if overwrite:
+        if workdir.is_dir() and any(workdir.iterdir()) and not saved.is_file():
             raise InputError(
-                f"{workdir} holds a run with a different config (differs in {', '.join(changed)});"
-                " use a new --workdir, or --overwrite to start this one afresh"
+                f"--overwrite would delete {workdir}, which is not a core-jax run (no "
+                "config.json); choose another --workdir"
             )
-    elif overwrite and workdir.exists():
+        images = config.concept.images
+        inputs = [config.model.path, "" if images.startswith("builtin:") else images]
+        for path in (Path(p).resolve() for p in inputs if p):
+            if path.is_relative_to(workdir.resolve()):
+                raise InputError(
+                    f"--overwrite would delete {path}, an input of this run inside {workdir}"
+                )
+        return
+    if not saved.is_file():
+        return
+    try:
+        before = _flatten(json.loads(saved.read_text()))
+    except ValueError as err:
+        raise InputError(f"cannot read {saved} ({err}); --overwrite starts afresh") from err
+    now = _flatten(json.loads(config.to_json()))
+    changed = sorted(
+        k for k in before.keys() | now.keys()
+        if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        raise InputError(
+            f"{workdir} holds a run with a different config (differs in {', '.join(changed)});"
+            " use a new --workdir, or --overwrite to start this one afresh"
+        )
+
+
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+    """Create the workdir (emptied first under `overwrite`) and write config.json atomically.
+    Call `check_workdir` first."""
+    if overwrite and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "config.json"
     tmp = saved.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2))
+    tmp.write_text(config.to_json(indent=2))
     tmp.replace(saved)
 
 
-def _stage1_config(config: ml_collections.ConfigDict, caption: np.ndarray, placeholder_ids):
+def stage1_config(
+    config: ml_collections.ConfigDict, caption: np.ndarray, placeholder_ids: list[int]
+) -> Stage1Config:
+    """The static step settings a run config implies (a zero weight drops its term)."""
     s1 = config.stage1
     return Stage1Config(
         batch_size=s1.batch_size,
@@ -112,13 +142,6 @@ def _nonfinite_message(stage: int, step: int, streak: int, metrics: dict[str, An
         "non-finite; the state is the last finite one (lower the learning rate, check the "
         "photos, or try fp32)"
     )
-
-
-def _check_batch(batch_size: int, mesh_size: int, stage: str) -> None:
-    if batch_size % mesh_size:
-        raise InputError(
-            f"{stage}.batch_size {batch_size} does not split over {mesh_size} devices"
-        )
 
 
 class StopRequests:
@@ -155,18 +178,22 @@ def train(
     s1, s2 = config.stage1, config.stage2
     total_steps = s1.steps + s2.steps
 
-    # --- Set up: everything that can fail on bad input fails here, before any compilation ----
+    # --- Check: bad input fails here in one line, before anything is written or compiled ----
+    run_setup.check_config(config)
+    if stop_at_step is not None and stop_at_step < 1:
+        raise InputError(f"--stop_at_step is {stop_at_step}; it must be at least 1")
+    check_workdir(workdir, config, overwrite)
     images = run_setup.concept_images(config)  # bad photos fail before the models load
-    prepare_workdir(workdir, config, overwrite)
     models = run_setup.load_models(config)
-    placeholder_ids = add_placeholder_tokens(
-        models.tokenizer, config.concept.placeholder, config.concept.num_vectors
-    )
-    concept_text = placeholder_string(config.concept.placeholder, config.concept.num_vectors)
-    caption = caption_ids(models.tokenizer, concept_text, config.concept.caption)
+    run_setup.check_resolution(config, models)
+    text = run_setup.concept_text(config, models.tokenizer)
+    placeholder_ids, concept_text, caption = text.placeholder_ids, text.text, text.caption
+
+    # --- Set up --------------------------------------------------------------------------------
+    prepare_workdir(workdir, config, overwrite)
     spec = ConceptSpec(
-        config.concept.placeholder, config.concept.super_category,
-        run_setup.concept_templates(config), seed=config.seed,
+        config.concept.placeholder, config.concept.super_category, text.templates,
+        seed=config.seed,
     )
     mean, std = run_setup.latent_pool(config, models, images)
     data = build_concept_data(
@@ -175,7 +202,6 @@ def train(
     )
     frozen = {"text": models.params["text"], "unet": models.params["unet"]}
     mesh = make_mesh(1)
-    _check_batch(s1.batch_size, mesh.size, "stage1")
     optimizer = make_optimizer(s1.weight_decay, s1.b1, s1.b2, clip_norm=s1.clip_norm or None)
     init = jnp.repeat(data.super_embed[:, None], config.concept.num_vectors, axis=1)
     state = init_embedding_state(init, [config.seed], optimizer)
@@ -186,7 +212,7 @@ def train(
     )
     stage1_step = shard_stage1_step(
         mesh, text_encoder=models.text_encoder, unet=models.unet, optimizer=optimizer,
-        config=_stage1_config(config, caption, placeholder_ids),
+        config=stage1_config(config, caption, placeholder_ids),
     )
     unet_optimizer = make_unet_optimizer(
         s2.learning_rate, s2.weight_decay, clip_norm=s2.clip_norm or None
@@ -200,7 +226,7 @@ def train(
 
     def sample_grid(tag: str, step: int, learned: jax.Array, unet_params: Any) -> Path:
         pipeline.unet_params = unet_params  # same shapes: the compiled sampler is reused
-        prompts = [p.format(concept_text) for p in config.sample.prompts]
+        prompts = [fill_template(p, concept_text) for p in config.sample.prompts]
         images = generate(
             pipeline, prompts, np.asarray(learned),
             num_images_per_prompt=config.sample.images_per_prompt, steps=config.sample.steps,
@@ -282,11 +308,10 @@ def train(
     # --- Stage 2: the U-Net, embedding frozen ------------------------------------------------
     unet_folder = None
     if s2.steps:
-        _check_batch(s2.batch_size, mesh.size, "stage2")
         if unet_state is None:
             unet_state = init_unet_state(frozen["unet"], config.seed, unet_optimizer)
         # The caption's encoding is constant in stage 2: computed once.
-        caption_text = config.concept.caption.format(concept_text)
+        caption_text = fill_template(config.concept.caption, concept_text)
         context = encode_prompts(pipeline, [caption_text], np.asarray(learned))[0]  # [T, D]
         stage2_step = shard_stage2_step(
             mesh, unet=models.unet, optimizer=unet_optimizer, batch_size=s2.batch_size,

@@ -1,0 +1,24 @@
+"""core-jax sweep --config configs/<sweep>.py --workdir DIR: many concepts x settings at once."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a sweep config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where runs/, sweep_summary.json and results go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    from core_jax.commands import run_reporting_input_errors
+    from core_jax.train.sweep import sweep
+
+    summary = run_reporting_input_errors(sweep, _CONFIG.value, _WORKDIR.value)
+    brief = {k: summary[k] for k in ("runs", "compilations", "pack", "mesh", "wall_s")}
+    print(json.dumps(brief))
+    print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/sweep_summary.json")

@@ -1,0 +1,260 @@
+"""`core-jax sweep`: every (concept, setting) pair of a sweep config as one stage-1 run, packed
+C runs at a time into the step's concept axis.
+
+Runs whose settings differ only in numbers the step takes per concept (learning rate, loss
+weights, hinge margin, seed) share one compiled program; settings that change shapes or the
+graph (loss variants, steps, batch size, number of vectors, ...) form separate groups, each
+compiled once. Each run writes `runs/<name>/` exactly as `core-jax train` would for its stage 1;
+the sweep writes `sweep_summary.json` and `results.csv`. Rerunning skips finished runs and
+resumes a pack from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from core_jax import export
+from core_jax.errors import InputError
+from core_jax.text import add_placeholder_tokens, caption_ids, placeholder_string
+from core_jax.train import setup as run_setup
+from core_jax.train.checkpoints import RunCheckpoints
+from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.loop import stage1_config
+from core_jax.train.state import ConceptHypers, init_embedding_state
+from core_jax.train.step import make_mesh, make_optimizer, shard_stage1_step
+
+# Stage-1 numbers that ride along as per-concept arrays ([C]) instead of compiling anew.
+PER_RUN_NUMBERS = tuple(f.name for f in dataclasses.fields(ConceptHypers))
+# Flags derived from whether a weight is zero: a group turns a term on if any run needs it.
+_WEIGHT_FLAGS = {"lambda_emb": "use_emb", "lambda_attn": "use_attn",
+                 "lambda_pairwise": "use_pairwise", "lambda_hinge": "use_hinge"}
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    config: ml_collections.ConfigDict  # the full config `core-jax train` would run
+
+    def folder(self, workdir: Path) -> Path:
+        return workdir / "runs" / self.name
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if leaf not in node:
+        raise InputError(f"sweep grid names an unknown config key {dotted!r}")
+    node[leaf] = value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=,_-]+", "-", text).strip("-")
+
+
+def expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
+    """Concepts x the grid's product, each as a complete train config (stage 2 off)."""
+    grid = [(key, tuple(values)) for key, values in config.sweep.grid]
+    for key, _ in grid:
+        if key.startswith(("model.", "sweep.", "concept.", "data.")) and key != "data.num_views":
+            raise InputError(f"sweep grid key {key!r}: the model, data and concepts are fixed")
+    runs = []
+    for concept in config.sweep.concepts:
+        for values in itertools.product(*(v for _, v in grid)):
+            fields = config.to_dict()
+            del fields["sweep"]
+            run_config = ml_collections.ConfigDict(fields)
+            run_config.stage2.steps = 0  # stage 2 runs per concept with `core-jax train`
+            for field in ("name", "images", "super_category", "templates"):
+                run_config.concept[field] = concept[field]
+            for (key, _), value in zip(grid, values, strict=True):
+                _set(run_config, key, value)
+            setting = ",".join(f"{k.split('.')[-1]}={v}" for (k, _), v in zip(grid, values,
+                                                                                strict=True))
+            runs.append(Run(_slug(f"{concept['name']}__{setting or 'base'}"), run_config))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise InputError("sweep runs are not distinguishable by name: give concepts unique names")
+    return runs
+
+
+def group_key(run: Run) -> str:
+    """What must be equal for runs to share one compiled step: the config without the numbers
+    the step takes per concept and without the concept itself."""
+    c = json.loads(run.config.to_json())
+    for name in PER_RUN_NUMBERS:
+        c["stage1"].pop(name)
+    c.pop("seed")
+    for field in ("name", "images", "super_category", "templates"):
+        c["concept"].pop(field)
+    return json.dumps(c, sort_keys=True)
+
+
+def _group_stage1_config(runs: list[Run], caption: np.ndarray, placeholder_ids: list[int]):
+    config = stage1_config(runs[0].config, caption, placeholder_ids)
+    flags = {
+        flag: any(r.config.stage1[weight] > 0 for r in runs)
+        for weight, flag in _WEIGHT_FLAGS.items()
+    }
+    return dataclasses.replace(config, **flags)
+
+
+def _done(run: Run, workdir: Path) -> bool:
+    return (run.folder(workdir) / "result.json").is_file()
+
+
+def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Run every group, C runs at a time; returns the summary written to sweep_summary.json."""
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    runs = expand_runs(config)
+    for run in runs:  # photos are checked before anything is compiled or written
+        run_setup.concept_images(run.config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "sweep_config.json").write_text(config.to_json(indent=2))
+
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_key(run), []).append(run)
+    models = run_setup.load_models(runs[0].config)
+    mesh = make_mesh(config.sweep.concept_shards)
+    pack = config.sweep.pack
+    if pack % config.sweep.concept_shards:
+        raise InputError(f"sweep.pack {pack} does not split over {config.sweep.concept_shards} "
+                         "concept shards")
+    group_reports = []
+    for g, group_runs in enumerate(groups.values()):
+        first = group_runs[0].config
+        tokenizer = copy.deepcopy(models.tokenizer)
+        placeholder_ids = add_placeholder_tokens(
+            tokenizer, first.concept.placeholder, first.concept.num_vectors
+        )
+        concept_text = placeholder_string(first.concept.placeholder, first.concept.num_vectors)
+        caption = caption_ids(tokenizer, concept_text, first.concept.caption)
+        s1 = first.stage1
+        if (s1.batch_size * pack) % mesh.size or s1.batch_size % mesh.shape["data"]:
+            raise InputError(f"stage1.batch_size {s1.batch_size} x pack {pack} does not split "
+                             f"over the {mesh.shape} mesh")
+        optimizer = make_optimizer(s1.weight_decay, s1.b1, s1.b2, clip_norm=s1.clip_norm or None)
+        step_fn = shard_stage1_step(
+            mesh, text_encoder=models.text_encoder, unet=models.unet, optimizer=optimizer,
+            config=_group_stage1_config(group_runs, caption, placeholder_ids),
+        )
+        frozen = {"text": models.params["text"], "unet": models.params["unet"]}
+        packs = [group_runs[i : i + pack] for i in range(0, len(group_runs), pack)]
+        for k, members in enumerate(packs):
+            if all(_done(r, workdir) for r in members):
+                continue
+            # A short last pack is filled with copies of its first run (their results are
+            # dropped) so every pack has the group's shapes: one compilation per group.
+            slots = members + [members[0]] * (pack - len(members))
+            specs = [
+                ConceptSpec(r.config.concept.name, r.config.concept.super_category,
+                            run_setup.concept_templates(r.config), seed=r.config.seed)
+                for r in slots
+            ]
+            pools = [
+                run_setup.latent_pool(r.config, models, run_setup.concept_images(r.config))
+                for r in slots
+            ]
+            data = build_concept_data(
+                tokenizer, models.text_encoder, models.params["text"], concept_text, specs, pools
+            )
+            init = jnp.repeat(data.super_embed[:, None], first.concept.num_vectors, axis=1)
+            state = init_embedding_state(init, [r.config.seed for r in slots], optimizer)
+            hypers = ConceptHypers(**{
+                name: jnp.asarray([r.config.stage1[name] for r in slots], jnp.float32)
+                for name in PER_RUN_NUMBERS
+            })
+            checkpoints = RunCheckpoints(
+                workdir / "checkpoints" / f"group{g}_pack{k}", first.keep_checkpoints, [s1.steps]
+            )
+            start = checkpoints.latest_step() or 0
+            if start:
+                state = checkpoints.restore(start, {"embedding": state})["embedding"]
+            logs = {r.name: _run_log(r, workdir, start) for r in members}
+            for step in range(start + 1, s1.steps + 1):
+                state, metrics = step_fn(state, data, hypers, frozen, models.schedule)
+                if step % first.log_every == 0 or step == s1.steps:
+                    values = jax.device_get(metrics)
+                    for c, run in enumerate(members):
+                        record = {"stage": 1, "step": step,
+                                  **{m: float(v[c]) for m, v in values.items()}}
+                        logs[run.name].write(json.dumps(record) + "\n")
+                        logs[run.name].flush()
+                if step % first.checkpoint_every == 0 or step == s1.steps:
+                    checkpoints.save(step, {"embedding": state})
+            checkpoints.close()
+            embeds = np.asarray(jax.device_get(state.embeds))
+            for c, run in enumerate(members):
+                logs[run.name].close()
+                _finish_run(run, workdir, embeds[c])
+        group_reports.append({
+            "runs": [r.name for r in group_runs],
+            "packs": len(packs),
+            "compilations": step_fn.jitted._cache_size(),
+        })
+    summary = {
+        "runs": len(runs),
+        "groups": group_reports,
+        "compilations": sum(g["compilations"] for g in group_reports),
+        "pack": pack,
+        "mesh": dict(mesh.shape),
+        "wall_s": time.perf_counter() - started,
+        "results": [_read_result(r, workdir) for r in runs],
+    }
+    _write_summary(workdir, summary)
+    return summary
+
+
+def _run_log(run: Run, workdir: Path, start: int):
+    folder = run.folder(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(run.config.to_json(indent=2))
+    path = folder / "metrics.jsonl"
+    if path.exists():  # drop lines after the restored step: they are redone
+        kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    return path.open("a")
+
+
+def _finish_run(run: Run, workdir: Path, learned: np.ndarray) -> None:
+    folder = run.folder(workdir)
+    export.save_learned_embeds(
+        folder / "learned_embeds.safetensors", run.config.concept.placeholder, learned
+    )
+    # The last step is always logged: its record holds the final loss terms.
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    result = {"run": run.name, **{k: v for k, v in last.items() if k != "stage"}}
+    tmp = folder / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(folder / "result.json")  # written last: the run counts as done once it exists
+
+
+def _read_result(run: Run, workdir: Path) -> dict[str, Any]:
+    return json.loads((run.folder(workdir) / "result.json").read_text())
+
+
+def _write_summary(workdir: Path, summary: dict[str, Any]) -> None:
+    tmp = workdir / ".sweep_summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(workdir / "sweep_summary.json")
+    columns = sorted({k for r in summary["results"] for k in r} - {"run"})
+    with (workdir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", *columns])
+        writer.writeheader()
+        writer.writerows(summary["results"])
