@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import CLIPTokenizer
 
+from core_jax.errors import InputError
 from core_jax.text.templates import fill_template
 from core_jax.text.tokenizer import encode_full, pad_id, super_category_ids, truncate
 from core_jax.text.vocab import MODEL_MAX_LENGTH
@@ -48,7 +49,7 @@ def _find_span(ids: list[int], span: list[int], template: str) -> int:
     v = len(span)
     starts = [k for k in range(len(ids) - v + 1) if ids[k : k + v] == span]
     if len(starts) != 1:
-        raise ValueError(
+        raise InputError(
             f"template {template!r}: the placeholder tokens {span} occur {len(starts)} times "
             "in the filled prompt, expected exactly once"
         )
@@ -120,7 +121,7 @@ def regularization_prompts(
             obj, cat = truncate(obj, max_length, eos), truncate(cat, max_length, eos)
         eos_obj, eos_cat = obj.index(eos), cat.index(eos)
         if start + len(concept) > eos_obj:
-            raise ValueError(
+            raise InputError(
                 f"template {template!r}: the placeholder lies beyond the first end-of-text "
                 f"(position {eos_obj}) of the prompt; shorten the template"
             )

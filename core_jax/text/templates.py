@@ -6,15 +6,17 @@ import importlib.resources
 import os
 from pathlib import Path
 
+from core_jax.errors import InputError
+
 BUILTIN_TEMPLATE_SETS = ("animate", "inanimate")
 
 
 def check_template(template: str) -> None:
-    """Raise ValueError unless the template holds exactly one "{}" and no other brace."""
+    """Raise InputError unless the template holds exactly one "{}" and no other brace."""
     if template.count("{}") != 1:
-        raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+        raise InputError(f"template {template!r} must contain exactly one '{{}}'")
     if template.count("{") != 1 or template.count("}") != 1:
-        raise ValueError(f"template {template!r} has a brace besides its one '{{}}'")
+        raise InputError(f"template {template!r} has a brace besides its one '{{}}'")
 
 
 def fill_template(template: str, text: str) -> str:
@@ -31,11 +33,11 @@ def _parse(text: str, source: str) -> list[str]:
             continue
         try:
             check_template(line)
-        except ValueError as e:
-            raise ValueError(f"{source}:{lineno}: {e}") from None
+        except InputError as e:
+            raise InputError(f"{source}:{lineno}: {e}") from None
         templates.append(line)
     if not templates:
-        raise ValueError(f"{source}: no templates (every line is blank or a '#' comment)")
+        raise InputError(f"{source}: no templates (every line is blank or a '#' comment)")
     return templates
 
 

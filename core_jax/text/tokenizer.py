@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from transformers import CLIPTokenizer
 
+from core_jax.errors import InputError
 from core_jax.text.templates import fill_template
 from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
 
@@ -41,7 +42,7 @@ def load_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
 def placeholder_tokens(placeholder: str = "<s*>", num_vectors: int = 1) -> list[str]:
     """Token strings for a V-vector placeholder: "<s*>", "<s*>_1", ... (diffusers' naming)."""
     if num_vectors < 1:
-        raise ValueError(f"num_vectors must be >= 1, got {num_vectors}")
+        raise InputError(f"num_vectors must be >= 1, got {num_vectors}")
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
@@ -60,18 +61,18 @@ def add_placeholder_tokens(
     super-category prompts included.
     """
     if not placeholder or any(c.isspace() for c in placeholder):
-        raise ValueError(f"placeholder {placeholder!r} must be non-empty and without whitespace")
+        raise InputError(f"placeholder {placeholder!r} must be non-empty and without whitespace")
     names = placeholder_tokens(placeholder, num_vectors)
     vocab = tokenizer.get_vocab()
     for name in names:
         if name in vocab:
-            raise ValueError(
+            raise InputError(
                 f"placeholder token {name!r} is already in the tokenizer's vocabulary "
                 f"(id {vocab[name]}); choose another placeholder string"
             )
         ids = tokenizer.encode(name, add_special_tokens=False)
         if len(ids) == 1:
-            raise ValueError(
+            raise InputError(
                 f"placeholder token {name!r} already tokenizes as the existing token "
                 f"{tokenizer.convert_ids_to_tokens(ids)[0]!r} (id {ids[0]}); adding it would "
                 "change the meaning of that word, choose e.g. '<name>'"
@@ -137,7 +138,7 @@ def super_category_ids(tokenizer: CLIPTokenizer, word: str) -> list[int]:
     """Token ids of a super-category word, without start/end-of-text (may be several)."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"super-category {word!r} gives no tokens; give a word such as 'dog'")
+        raise InputError(f"super-category {word!r} gives no tokens; give a word such as 'dog'")
     return [int(i) for i in ids]
 
 

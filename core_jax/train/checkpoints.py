@@ -1,8 +1,12 @@
 """Orbax checkpoints of a run: the last K plus the end of each stage, written asynchronously.
 
 A checkpoint holds named items: `embedding` (stage-1 state) always, `unet` (stage-2 state) once
-stage 2 has begun. Steps are global: stage-2 step s is saved as stage1.steps + s. Orbax writes
-into a temporary folder and renames it when complete, so a killed write is never read back.
+stage 2 has begun. Steps are global: stage-2 step s is saved as stage1.steps + s.
+
+A run may be killed at any moment, also while a checkpoint is written. Orbax writes a step into
+`<step>.orbax-checkpoint-tmp-<time>` and renames it to `<step>` only once every file is in place;
+steps are found by the name `<step>` alone, so a killed write is never read back, and the
+manager deletes such leftovers when it opens the folder (`tests/test_robustness.py` checks both).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class RunCheckpoints:
             ),
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # half-written steps of a killed run
         )
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
 

@@ -32,9 +32,11 @@ class RunLog:
     def _drop_lines_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= step]
+        # Rewritten aside and renamed: a run killed right here keeps its whole history.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(self.path)
 
     def advance(self, step: int) -> None:
         self.bar.update(step - self.bar.n)
@@ -63,6 +65,14 @@ class RunLog:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; blank or torn lines (a write cut short by a kill) count as after all."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +12,41 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import SafetensorError
 from transformers import CLIPTokenizer
 
 from core_jax import data as image_data
 from core_jax import weights
 from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
+from core_jax.diffusion.samplers import SAMPLERS
 from core_jax.errors import InputError
 from core_jax.models.clip_text import CLIPTextModel
-from core_jax.models.presets import random_models
+from core_jax.models.presets import PRESETS, random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
-from core_jax.text import load_templates, load_tokenizer
+from core_jax.text import (
+    add_placeholder_tokens,
+    caption_ids,
+    check_template,
+    fill_template,
+    load_templates,
+    load_tokenizer,
+    placeholder_string,
+    regularization_prompts,
+    super_category_ids,
+    tokenize,
+)
+
+VARIANTS = ("paper", "code")  # of stage1.emb_variant and stage1.attn_variant
+DTYPES = ("float32", "bfloat16", "float16")
+# Integer settings and their smallest sensible value; below it a run divides by zero, draws
+# from an empty pool or never samples.
+MINIMUMS = {
+    "concept.num_vectors": 1, "data.resolution": 1, "data.num_views": 1, "stage1.steps": 1,
+    "stage1.batch_size": 1, "stage2.steps": 0, "stage2.batch_size": 1, "sample.steps": 1,
+    "sample.images_per_prompt": 1, "sample.every": 0, "log_every": 1, "checkpoint_every": 1,
+    "keep_checkpoints": 1, "max_nonfinite": 1,
+}
 
 
 @dataclasses.dataclass
@@ -39,12 +65,19 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     dtype = jnp.dtype(config.model.dtype)
     if config.model.path:
         path, allow = Path(config.model.path), config.model.allow_pickle
-        text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
-        unet, unet_params = weights.load_unet(path, dtype, allow)
-        vae, vae_params = weights.load_vae(path, dtype, allow)
-        tokenizer = load_tokenizer(path)
-        scheduler_config = path / "scheduler" / "scheduler_config.json"
-        schedule = load_schedule(path) if scheduler_config.is_file() else make_schedule()
+        try:
+            text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
+            unet, unet_params = weights.load_unet(path, dtype, allow)
+            vae, vae_params = weights.load_vae(path, dtype, allow)
+            tokenizer = load_tokenizer(path)
+            schedule = _schedule(path)
+        except InputError:
+            raise
+        except FileNotFoundError as err:  # the tokenizer, or a shard an index names
+            raise InputError(f"model folder {path}: {err}") from err
+        # Truncated or garbled files: a bad header, JSON or vocabulary.
+        except (OSError, ValueError, SafetensorError) as err:
+            raise InputError(f"cannot read the model folder {path}: {err}") from err
     else:
         random = random_models(config.model.preset, config.seed, dtype)
         text_encoder, unet, vae = random.text_encoder, random.unet, random.vae
@@ -57,8 +90,85 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     )
 
 
+def _schedule(path: Path) -> NoiseSchedule:
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        return load_schedule(path)
+    # A v-prediction model (SD 2.x 768) trained with SD's default epsilon schedule learns
+    # nonsense without an error: say which schedule is used.
+    warnings.warn(
+        f"{path} has no scheduler/scheduler_config.json; using Stable Diffusion's default "
+        "schedule (scaled_linear betas, epsilon prediction)",
+        stacklevel=3,
+    )
+    return make_schedule()
+
+
 def vae_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse values that would otherwise fail deep inside setup, a compiled step, or the sampler
+    at the end of a stage (after the training time is spent): one line naming the key."""
+    for key, minimum in MINIMUMS.items():
+        if _value(config, key) < minimum:
+            raise InputError(f"{key} is {_value(config, key)}; it must be at least {minimum}")
+    for key in ("stage1.learning_rate", "stage2.learning_rate"):
+        value = _value(config, key)
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{key} is {value}; it must be a positive number")
+    for key in ("data.rotate_p", "data.flip_p"):
+        if not 0 <= _value(config, key) <= 1:
+            raise InputError(f"{key} is {_value(config, key)}; a probability is between 0 and 1")
+    for key in ("stage1.lambda_emb", "stage1.lambda_attn", "stage1.lambda_pairwise",
+                "stage1.lambda_hinge"):
+        if not _value(config, key) >= 0:  # also catches NaN
+            raise InputError(f"{key} is {_value(config, key)}; a loss weight cannot be negative")
+    choices = {
+        "stage1.emb_variant": VARIANTS, "stage1.attn_variant": VARIANTS,
+        "sample.sampler": SAMPLERS, "model.dtype": DTYPES,
+    }
+    if not config.model.path:
+        choices["model.preset"] = tuple(PRESETS)
+    for key, allowed in choices.items():
+        if _value(config, key) not in allowed:
+            raise InputError(
+                f"{key} is {_value(config, key)!r}; choose one of {', '.join(allowed)}"
+            )
+    if not config.concept.super_category.strip():
+        raise InputError(
+            "concept.super_category is empty: set it to the word for what the concept is, "
+            "e.g. --config.concept.super_category=dog"
+        )
+    devices = jax.device_count()
+    stages = ("stage1", "stage2") if config.stage2.steps else ("stage1",)
+    for stage in stages:
+        batch = config[stage].batch_size
+        if batch % devices:
+            raise InputError(
+                f"{stage}.batch_size {batch} does not split over the {devices} devices; make it "
+                f"a multiple of {devices}"
+            )
+    if not config.sample.prompts:
+        raise InputError("sample.prompts is empty; give at least one prompt with a '{}'")
+    for prompt in (config.concept.caption, *config.sample.prompts):
+        check_template(prompt)
+
+
+def check_resolution(config: ml_collections.ConfigDict, models: Models) -> None:
+    factor = vae_factor(models.vae)
+    if config.data.resolution % factor:
+        expected = models.unet.config.sample_size * factor
+        raise InputError(
+            f"data.resolution {config.data.resolution} is not a multiple of the VAE's factor "
+            f"{factor} (the model was trained at {expected})"
+        )
 
 
 def concept_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
@@ -71,7 +181,45 @@ def concept_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
 
 
 def concept_templates(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return tuple(load_templates(config.concept.templates))
+    try:
+        return tuple(load_templates(config.concept.templates))
+    except FileNotFoundError as err:
+        raise InputError(f"concept.templates: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptText:
+    """The run's text, checked: placeholder ids (added to the tokenizer), the text that stands
+    for the concept ("<s*> <s*>_1"), the caption's ids and the regularization templates."""
+
+    placeholder_ids: list[int]
+    text: str
+    caption: np.ndarray
+    templates: tuple[str, ...]
+
+
+def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) -> ConceptText:
+    """Add the placeholder tokens to `tokenizer` and tokenize every prompt of the run now, so
+    that a bad placeholder, super-category, template or prompt fails (or warns) before anything
+    is written or compiled."""
+    c = config.concept
+    placeholder_ids = add_placeholder_tokens(tokenizer, c.placeholder, c.num_vectors)
+    text = placeholder_string(c.placeholder, c.num_vectors)
+    word_ids = super_category_ids(tokenizer, c.super_category)
+    if len(word_ids) > 1:
+        pieces = ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(word_ids))
+        warnings.warn(
+            f"super-category {c.super_category!r} is not one token of the vocabulary but "
+            f"{len(word_ids)} ({pieces}); the vector starts from their mean and the "
+            "regularizers compare against all of them (check the spelling if that is a surprise)",
+            stacklevel=2,
+        )
+    templates = concept_templates(config)
+    # Built again with the encoder later; here for its errors (a template holding the
+    # placeholder) and truncation warnings while nothing is written yet.
+    regularization_prompts(tokenizer, templates, text, c.super_category)
+    tokenize(tokenizer, [fill_template(p, text) for p in config.sample.prompts])
+    return ConceptText(placeholder_ids, text, caption_ids(tokenizer, text, c.caption), templates)
 
 
 def encode_latent_pool(
@@ -99,13 +247,8 @@ def latent_pool(
     config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """CoRe's augmentation applied `data.num_views` times, then encoded: (mean, std)."""
+    check_resolution(config, models)
     resolution = config.data.resolution
-    expected = models.unet.config.sample_size * vae_factor(models.vae)
-    if resolution % vae_factor(models.vae):
-        raise InputError(
-            f"data.resolution {resolution} is not a multiple of the VAE's factor "
-            f"{vae_factor(models.vae)} (the model was trained at {expected})"
-        )
     views = image_data.augmented_views(
         images, config.data.num_views, resolution, config.seed,
         rotate_p=config.data.rotate_p, max_angle=config.data.max_angle,
