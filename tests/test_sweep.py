@@ -1,0 +1,91 @@
+"""`core-jax sweep` on 8 CPU devices: one compilation per group, each run equal to the same run
+trained alone, and a killed sweep resumed without redoing finished runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ONE = {**os.environ, "XLA_FLAGS": ""}
+
+
+def sweep_cmd(workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "core_jax", "sweep", "--config",
+            str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(workdir),
+            "--config.sweep.concept_shards=4"]
+
+
+def learned(folder: Path) -> np.ndarray:
+    return load_file(folder / "learned_embeds.safetensors")["<s*>"]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("sweep")
+    result = subprocess.run(sweep_cmd(workdir), capture_output=True, text=True, env=EIGHT,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_one_compilation_per_group_and_every_run_written(finished_sweep):
+    summary = json.loads((finished_sweep / "sweep_summary.json").read_text())
+    assert summary["runs"] == 16 and len(summary["groups"]) == 2
+    assert [g["compilations"] for g in summary["groups"]] == [1, 1]  # read from the jit cache
+    assert summary["mesh"] == {"concept": 4, "data": 2}
+    rows = (finished_sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 17
+    for result in summary["results"]:
+        assert np.isfinite(result["loss"]) and result["step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [
+    "coffee__lambda_attn=0.5,attn_variant=paper",
+    "chelsea-animal__lambda_attn=0.05,attn_variant=code",
+])
+def test_run_equals_the_same_run_trained_alone(finished_sweep, tmp_path, run):
+    folder = finished_sweep / "runs" / run
+    result = subprocess.run(
+        [sys.executable, "-m", "core_jax", "train", "--config",
+         f"{ROOT / 'configs/from_json.py'}:{folder / 'config.json'}", "--workdir",
+         str(tmp_path / "alone")],
+        capture_output=True, text=True, env=ONE, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The sweep split concepts over 4 devices and rows over 2: fp32 summation order differs.
+    np.testing.assert_allclose(learned(tmp_path / "alone"), learned(folder), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_path):
+    process = subprocess.Popen(sweep_cmd(tmp_path), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=EIGHT)
+    first_pack = tmp_path / "runs" / "chelsea__lambda_attn=0.05,attn_variant=paper"
+    deadline = time.monotonic() + 600
+    while not (first_pack / "result.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {p.parent.name: p.stat().st_mtime_ns
+                   for p in (tmp_path / "runs").glob("*/result.json")}
+    assert done_before, "the first pack finished before the kill"
+    result = subprocess.run(sweep_cmd(tmp_path), capture_output=True, text=True, env=EIGHT,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, mtime in done_before.items():
+        assert (tmp_path / "runs" / name / "result.json").stat().st_mtime_ns == mtime, name
+    for folder in (finished_sweep / "runs").iterdir():
+        np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))
