@@ -89,3 +89,19 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_
         assert (tmp_path / "runs" / name / "result.json").stat().st_mtime_ns == mtime, name
     for folder in (finished_sweep / "runs").iterdir():
         np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(finished_sweep, tmp_path):
+    """2 processes x 4 devices (jax.distributed over 127.0.0.1, gloo) == 1 process x 8."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "launch/local_multiprocess.sh"), "2", "4", "sweep", "--config",
+         str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(tmp_path),
+         "--config.sweep.concept_shards=4"],
+        capture_output=True, text=True, env=ONE, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["compilations"] == 2
+    for folder in (finished_sweep / "runs").iterdir():
+        np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))

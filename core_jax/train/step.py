@@ -339,10 +339,27 @@ def jit_on_mesh(
     shardings = [NamedSharding(mesh, spec) for spec in in_specs]
 
     def call(*args: Any) -> Any:
-        return jitted(*(jax.device_put(a, s) for a, s in zip(args, shardings, strict=True)))
+        return jitted(*(place(a, s) for a, s in zip(args, shardings, strict=True)))
 
     call.jitted = jitted
     return call
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Put every leaf of `tree` on `sharding`; arrays already there are left alone.
+
+    With several processes (multi-host), a host value becomes a global array from this
+    process's shards only, so a host may hold placeholders where other hosts own the data."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(leaf: Any) -> jax.Array:
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
 
 
 def shard_stage1_step(mesh: Mesh, **step_kwargs: Any) -> StepFn:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from core_jax import export
 from core_jax.errors import InputError
@@ -34,7 +36,7 @@ from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
 from core_jax.train.loop import stage1_config
 from core_jax.train.state import ConceptHypers, init_embedding_state
-from core_jax.train.step import make_mesh, make_optimizer, shard_stage1_step
+from core_jax.train.step import CONCEPT_AXIS, make_mesh, make_optimizer, shard_stage1_step
 
 # Stage-1 numbers that ride along as per-concept arrays ([C]) instead of compiling anew.
 PER_RUN_NUMBERS = tuple(f.name for f in dataclasses.fields(ConceptHypers))
@@ -117,15 +119,43 @@ def _done(run: Run, workdir: Path) -> bool:
     return (run.folder(workdir) / "result.json").is_file()
 
 
+def _everywhere(flag: bool) -> bool:
+    """True only if it is true on every process (all hosts must run the same programs)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _gather(tree: Any) -> Any:
+    """Concept-sharded arrays, whole, on every host."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _slot_hosts(mesh: Mesh, pack: int) -> list[tuple[set[int], int]]:
+    """For each slot of a pack: the processes whose devices hold it, and the one that writes
+    its outputs (the owner of the first device of its concept shard)."""
+    per_shard = pack // mesh.shape[CONCEPT_AXIS]
+    rows = mesh.devices.reshape(mesh.shape[CONCEPT_AXIS], -1)
+    return [
+        ({d.process_index for d in rows[c // per_shard]}, rows[c // per_shard][0].process_index)
+        for c in range(pack)
+    ]
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Run every group, C runs at a time; returns the summary written to sweep_summary.json."""
     started = time.perf_counter()
     workdir = Path(workdir)
     runs = expand_runs(config)
-    for run in runs:  # photos are checked before anything is compiled or written
-        run_setup.concept_images(run.config)
+    if jax.process_count() == 1:  # photos are checked before anything is compiled or written
+        for run in runs:  # (multi-host: each host reads only its runs' photos, when it needs them)
+            run_setup.concept_images(run.config)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "sweep_config.json").write_text(config.to_json(indent=2))
+    me = jax.process_index()
+    if me == 0:
+        (workdir / "sweep_config.json").write_text(config.to_json(indent=2))
 
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -136,6 +166,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     if pack % config.sweep.concept_shards:
         raise InputError(f"sweep.pack {pack} does not split over {config.sweep.concept_shards} "
                          "concept shards")
+    slot_hosts = _slot_hosts(mesh, pack)
+    latent_size = first_config_latent_size(runs[0].config, models)
     group_reports = []
     for g, group_runs in enumerate(groups.values()):
         first = group_runs[0].config
@@ -157,7 +189,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         frozen = {"text": models.params["text"], "unet": models.params["unet"]}
         packs = [group_runs[i : i + pack] for i in range(0, len(group_runs), pack)]
         for k, members in enumerate(packs):
-            if all(_done(r, workdir) for r in members):
+            if _everywhere(all(_done(r, workdir) for r in members)):
                 continue
             # A short last pack is filled with copies of its first run (their results are
             # dropped) so every pack has the group's shapes: one compilation per group.
@@ -167,9 +199,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                             run_setup.concept_templates(r.config), seed=r.config.seed)
                 for r in slots
             ]
+            # A host encodes only the photos of the slots its devices hold; the rest are
+            # placeholders it never sends (`place` takes this host's shards only).
+            empty = np.zeros((first.data.num_views, *latent_size), np.float32)
             pools = [
                 run_setup.latent_pool(r.config, models, run_setup.concept_images(r.config))
-                for r in slots
+                if me in slot_hosts[c][0] else (empty, empty)
+                for c, r in enumerate(slots)
             ]
             data = build_concept_data(
                 tokenizer, models.text_encoder, models.params["text"], concept_text, specs, pools
@@ -186,12 +222,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             start = checkpoints.latest_step() or 0
             if start:
                 state = checkpoints.restore(start, {"embedding": state})["embedding"]
-            logs = {r.name: _run_log(r, workdir, start) for r in members}
+            owned = [(c, r) for c, r in enumerate(members) if slot_hosts[c][1] == me]
+            logs = {r.name: _run_log(r, workdir, start) for _, r in owned}
             for step in range(start + 1, s1.steps + 1):
                 state, metrics = step_fn(state, data, hypers, frozen, models.schedule)
                 if step % first.log_every == 0 or step == s1.steps:
-                    values = jax.device_get(metrics)
-                    for c, run in enumerate(members):
+                    values = _gather(metrics)
+                    for c, run in owned:
                         record = {"stage": 1, "step": step,
                                   **{m: float(v[c]) for m, v in values.items()}}
                         logs[run.name].write(json.dumps(record) + "\n")
@@ -199,8 +236,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if step % first.checkpoint_every == 0 or step == s1.steps:
                     checkpoints.save(step, {"embedding": state})
             checkpoints.close()
-            embeds = np.asarray(jax.device_get(state.embeds))
-            for c, run in enumerate(members):
+            embeds = np.asarray(_gather(state.embeds))
+            for c, run in owned:
                 logs[run.name].close()
                 _finish_run(run, workdir, embeds[c])
         group_reports.append({
@@ -208,8 +245,11 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             "packs": len(packs),
             "compilations": step_fn.jitted._cache_size(),
         })
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("core-jax sweep: every run written")
     summary = {
         "runs": len(runs),
+        "processes": jax.process_count(),
         "groups": group_reports,
         "compilations": sum(g["compilations"] for g in group_reports),
         "pack": pack,
@@ -217,8 +257,15 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         "wall_s": time.perf_counter() - started,
         "results": [_read_result(r, workdir) for r in runs],
     }
-    _write_summary(workdir, summary)
+    if me == 0:
+        _write_summary(workdir, summary)
     return summary
+
+
+def first_config_latent_size(config: ml_collections.ConfigDict, models: Any) -> tuple[int, ...]:
+    """Latent shape [h, w, C] of one encoded view at the run's resolution."""
+    side = config.data.resolution // run_setup.vae_factor(models.vae)
+    return (side, side, models.vae.config.latent_channels)
 
 
 def _run_log(run: Run, workdir: Path, start: int):
