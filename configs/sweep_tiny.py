@@ -1,7 +1,8 @@
 """A tiny sweep: 4 concepts x 2 attention weights x 2 attention-loss variants = 16 stage-1 runs.
 
-What it runs: CoRe stage 1 on scikit-image's photos (a cat, a cup, a person, the cat again as an
-"animal"), micro models (random weights), every (concept, setting) pair as its own run. The two
+What it runs: CoRe stage 1 then 3 steps of stage 2 on scikit-image's photos (a cat, a cup, a
+person, the cat again as an "animal"), micro models (random weights), every (concept, setting)
+pair as its own run with its own U-Net copy in stage 2. The two
 lambda_attn values ride along as per-concept numbers, so each loss variant is one group: one
 compiled step per group, 16 runs in 4 packs of 4 concepts.
 
@@ -11,9 +12,9 @@ Command:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 core-jax sweep \\
         --config configs/sweep_tiny.py --workdir runs/sweep_tiny --config.sweep.concept_shards=4
 
-Time here: about 2 minutes on a 2-core CPU, mostly the two compilations.
+Time here: 3-5 minutes on a 2-core CPU, mostly compiling (2 stage-1 programs, 1 stage-2).
 What it should reach: sweep_summary.json with 16 runs, 2 groups, "compilations": 2; each
-runs/<name>/ holds learned_embeds.safetensors equal to that run trained alone with
+runs/<name>/ holds learned_embeds.safetensors and unet/ equal to that run trained alone with
 `core-jax train` (its runs/<name>/config.json).
 """
 
@@ -31,6 +32,9 @@ def get_config():
     c.stage1.batch_size = 2
     c.stage1.rescale_start = 2
     c.stage1.rescale_end = 4
+    c.stage2.steps = 3  # each run's own U-Net copy, on the devices of its concept shard
+    c.stage2.batch_size = 2
+    c.stage2.learning_rate = 1e-4
     c.log_every = 1
     c.checkpoint_every = 2
     c.sweep = ml_collections.ConfigDict()

@@ -30,6 +30,10 @@ def learned(folder: Path) -> np.ndarray:
     return load_file(folder / "learned_embeds.safetensors")["<s*>"]
 
 
+def unet(folder: Path) -> dict[str, np.ndarray]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("sweep")
@@ -43,12 +47,14 @@ def finished_sweep(tmp_path_factory) -> Path:
 def test_one_compilation_per_group_and_every_run_written(finished_sweep):
     summary = json.loads((finished_sweep / "sweep_summary.json").read_text())
     assert summary["runs"] == 16 and len(summary["groups"]) == 2
-    assert [g["compilations"] for g in summary["groups"]] == [1, 1]  # read from the jit cache
+    # Read from the programs' jit caches: one stage-1 program per group, one stage-2 program.
+    assert [g["compilations"] for g in summary["groups"]] == [1, 1]
+    assert [g["stage2_compilations"] for g in summary["groups"]] == [1, 1]
     assert summary["mesh"] == {"concept": 4, "data": 2}
     rows = (finished_sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 17
     for result in summary["results"]:
-        assert np.isfinite(result["loss"]) and result["step"] == 6
+        assert np.isfinite(result["loss"]) and result["step"] == 9  # 6 stage-1 + 3 stage-2
 
 
 @pytest.mark.slow
@@ -67,6 +73,9 @@ def test_run_equals_the_same_run_trained_alone(finished_sweep, tmp_path, run):
     assert result.returncode == 0, result.stderr[-3000:]
     # The sweep split concepts over 4 devices and rows over 2: fp32 summation order differs.
     np.testing.assert_allclose(learned(tmp_path / "alone"), learned(folder), rtol=1e-5, atol=1e-6)
+    alone_unet, sweep_unet = unet(tmp_path / "alone"), unet(folder)
+    for key, value in sweep_unet.items():
+        np.testing.assert_allclose(alone_unet[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
@@ -89,6 +98,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_
         assert (tmp_path / "runs" / name / "result.json").stat().st_mtime_ns == mtime, name
     for folder in (finished_sweep / "runs").iterdir():
         np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))
+        for key, value in unet(folder).items():
+            np.testing.assert_array_equal(unet(tmp_path / "runs" / folder.name)[key], value)
 
 
 @pytest.mark.slow
@@ -105,3 +116,5 @@ def test_two_processes_equal_one_process(finished_sweep, tmp_path):
     assert summary["processes"] == 2 and summary["compilations"] == 2
     for folder in (finished_sweep / "runs").iterdir():
         np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))
+        for key, value in unet(folder).items():
+            np.testing.assert_array_equal(unet(tmp_path / "runs" / folder.name)[key], value)

@@ -7,6 +7,7 @@ logging and checkpointing along the way. One concept; `core-jax sweep` packs man
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ import numpy as np
 from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
-from core_jax.sample import Pipeline, encode_prompts, generate
+from core_jax.sample import Pipeline, generate
 from core_jax.text import fill_template
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
@@ -29,6 +30,7 @@ from core_jax.train.concepts import ConceptSpec, build_concept_data
 from core_jax.train.runlog import RunLog, plot_loss_curves
 from core_jax.train.stage2 import (
     UNetState,
+    caption_context,
     init_unet_state,
     make_unet_optimizer,
     shard_stage2_step,
@@ -183,10 +185,11 @@ def train(
     if stop_at_step is not None and stop_at_step < 1:
         raise InputError(f"--stop_at_step is {stop_at_step}; it must be at least 1")
     check_workdir(workdir, config, overwrite)
-    images = run_setup.concept_images(config)  # bad photos fail before the models load
-    models = run_setup.load_models(config)
+    images = run_setup.concept_images(config)
+    tokenizer = run_setup.run_tokenizer(config)
+    text = run_setup.concept_text(config, tokenizer)  # before the weights: faster to fail
+    models = run_setup.load_models(config, tokenizer)
     run_setup.check_resolution(config, models)
-    text = run_setup.concept_text(config, models.tokenizer)
     placeholder_ids, concept_text, caption = text.placeholder_ids, text.text, text.caption
 
     # --- Set up --------------------------------------------------------------------------------
@@ -311,8 +314,8 @@ def train(
         if unet_state is None:
             unet_state = init_unet_state(frozen["unet"], config.seed, unet_optimizer)
         # The caption's encoding is constant in stage 2: computed once.
-        caption_text = fill_template(config.concept.caption, concept_text)
-        context = encode_prompts(pipeline, [caption_text], np.asarray(learned))[0]  # [T, D]
+        encode = functools.partial(caption_context, models.text_encoder, tuple(placeholder_ids))
+        context = jax.jit(encode)(models.params["text"], jnp.asarray(caption), learned)  # [T, D]
         stage2_step = shard_stage2_step(
             mesh, unet=models.unet, optimizer=unet_optimizer, batch_size=s2.batch_size,
             min_snr_gamma=s1.min_snr_gamma or None,

@@ -59,30 +59,47 @@ class Models:
     schedule: NoiseSchedule
 
 
-def load_models(config: ml_collections.ConfigDict) -> Models:
+def run_tokenizer(config: ml_collections.ConfigDict) -> CLIPTokenizer:
+    """The tokenizer of `model.path`, or SD 1.x's (shipped) for random weights. Cheap next to
+    the weights, so a run checks its text with it before loading them."""
+    if not config.model.path:
+        return load_tokenizer()
+    path = Path(config.model.path)
+    if not path.is_dir():
+        raise InputError(f"model folder {path} does not exist")
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError as err:  # its message names the files looked for
+        raise InputError(str(err)) from err
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the tokenizer of {path}: {err}") from err
+
+
+def load_models(
+    config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer | None = None
+) -> Models:
     """From `model.path` (a diffusers folder) or, without one, random weights of `model.preset`
-    seeded by `seed` (the embedded default: nothing to download)."""
+    seeded by `seed` (the embedded default: nothing to download). `tokenizer`: the run's, when
+    loaded already (`run_tokenizer`, perhaps with placeholder tokens added)."""
     dtype = jnp.dtype(config.model.dtype)
+    if tokenizer is None:
+        tokenizer = run_tokenizer(config)
     if config.model.path:
         path, allow = Path(config.model.path), config.model.allow_pickle
         try:
             text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
             unet, unet_params = weights.load_unet(path, dtype, allow)
             vae, vae_params = weights.load_vae(path, dtype, allow)
-            tokenizer = load_tokenizer(path)
-            schedule = _schedule(path)
         except InputError:
             raise
-        except FileNotFoundError as err:  # the tokenizer, or a shard an index names
-            raise InputError(f"model folder {path}: {err}") from err
-        # Truncated or garbled files: a bad header, JSON or vocabulary.
+        # Truncated or garbled files (a bad header or JSON), a shard its index names missing.
         except (OSError, ValueError, SafetensorError) as err:
             raise InputError(f"cannot read the model folder {path}: {err}") from err
+        schedule = _schedule(path)
     else:
         random = random_models(config.model.preset, config.seed, dtype)
         text_encoder, unet, vae = random.text_encoder, random.unet, random.vae
         text_params, unet_params, vae_params = (random.params[k] for k in ("text", "unet", "vae"))
-        tokenizer = load_tokenizer()
         schedule = make_schedule()
     return Models(
         tokenizer, text_encoder, unet, vae,

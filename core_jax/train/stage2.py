@@ -21,7 +21,13 @@ from jax.sharding import PartitionSpec as P
 from core_jax import losses
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
 from core_jax.train.state import ConceptData
-from core_jax.train.step import CONCEPT_AXIS, DATA_AXIS, draw_batch, jit_on_mesh
+from core_jax.train.step import (
+    CONCEPT_AXIS,
+    DATA_AXIS,
+    draw_batch,
+    inject_learned,
+    jit_on_mesh,
+)
 
 
 @flax.struct.dataclass
@@ -104,4 +110,44 @@ def shard_stage2_step(mesh: Mesh, **step_kwargs: Any) -> Callable:
     return jit_on_mesh(
         functools.partial(stage2_step, **step_kwargs), mesh,
         in_specs=(P(), P(CONCEPT_AXIS), P(), P()), out_specs=(P(), P()),
+    )
+
+
+def caption_context(
+    text_encoder: nn.Module, placeholder_ids: tuple[int, ...], text_params: Any,
+    caption: jax.Array, learned: jax.Array,
+) -> jax.Array:
+    """The caption's encoding [T, D] with the learned vectors [V, D]: stage 2's constant input."""
+    inject, mask = inject_learned(caption[None], learned[None], placeholder_ids)
+    return text_encoder.apply(
+        {"params": text_params}, caption[None], inject_embeds=inject, inject_mask=mask
+    ).last_hidden_state[0]
+
+
+def stack_unet_states(states: list[UNetState]) -> UNetState:
+    """C runs' stage-2 states with a leading concept axis (for the packed step)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def stage2_packed_step(
+    states: UNetState, data: ConceptData, contexts: jax.Array, schedule: NoiseSchedule,
+    **step_kwargs: Any,
+) -> tuple[UNetState, dict[str, jax.Array]]:
+    """`stage2_step` for the local C_l runs of a sweep, each with its own U-Net copy
+    (states' leaves [C_l, ...], contexts [C_l, T, D]); metrics [C_l]."""
+
+    def one(state: UNetState, concept_data: ConceptData, context: jax.Array):
+        concept_data = jax.tree.map(lambda x: x[None], concept_data)
+        return stage2_step(state, concept_data, context, schedule, **step_kwargs)
+
+    states, metrics = jax.vmap(one)(states, data, contexts)
+    return states, jax.tree.map(lambda m: m[:, 0], metrics)
+
+
+def shard_stage2_packed_step(mesh: Mesh, **step_kwargs: Any) -> Callable:
+    """The packed stage-2 step: each run's U-Net lives on the devices of its concept shard."""
+    concept = P(CONCEPT_AXIS)
+    return jit_on_mesh(
+        functools.partial(stage2_packed_step, **step_kwargs), mesh,
+        in_specs=(concept, concept, concept, P()), out_specs=(concept, concept),
     )

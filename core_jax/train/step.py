@@ -74,7 +74,7 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
-def _inject(
+def inject_learned(
     ids: jax.Array, embeds: jax.Array, placeholder_ids: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
     """Positions of placeholder tokens in ids [R, T] and the learned vectors for them [R, T, D]
@@ -193,7 +193,7 @@ def stage1_loss(
         stats_cat = jnp.take_along_axis(stats_cat, per_row(cat_index)[None], axis=-1)
 
     repeats = text_ids.shape[0] // num_concepts
-    inject, mask = _inject(text_ids, jnp.tile(embeds, (repeats, 1, 1)), cfg.placeholder_ids)
+    inject, mask = inject_learned(text_ids, jnp.tile(embeds, (repeats, 1, 1)), cfg.placeholder_ids)
     hidden = text_encoder.apply(
         {"params": frozen["text"]}, text_ids, inject_embeds=inject, inject_mask=mask
     ).last_hidden_state  # [R, T, D]

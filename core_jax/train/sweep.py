@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import re
@@ -35,6 +36,14 @@ from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
 from core_jax.train.loop import stage1_config
+from core_jax.train.stage2 import (
+    UNetState,
+    caption_context,
+    init_unet_state,
+    make_unet_optimizer,
+    shard_stage2_packed_step,
+    stack_unet_states,
+)
 from core_jax.train.state import ConceptHypers, init_embedding_state
 from core_jax.train.step import CONCEPT_AXIS, make_mesh, make_optimizer, shard_stage1_step
 
@@ -69,7 +78,7 @@ def _slug(text: str) -> str:
 
 
 def expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
-    """Concepts x the grid's product, each as a complete train config (stage 2 off)."""
+    """Concepts x the grid's product, each as a complete train config."""
     grid = [(key, tuple(values)) for key, values in config.sweep.grid]
     for key, _ in grid:
         if key.startswith(("model.", "sweep.", "concept.", "data.")) and key != "data.num_views":
@@ -80,7 +89,6 @@ def expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
             fields = config.to_dict()
             del fields["sweep"]
             run_config = ml_collections.ConfigDict(fields)
-            run_config.stage2.steps = 0  # stage 2 runs per concept with `core-jax train`
             for field in ("name", "images", "super_category", "templates"):
                 run_config.concept[field] = concept[field]
             for (key, _), value in zip(grid, values, strict=True):
@@ -187,6 +195,17 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             config=_group_stage1_config(group_runs, caption, placeholder_ids),
         )
         frozen = {"text": models.params["text"], "unet": models.params["unet"]}
+        unet_optimizer = make_unet_optimizer(
+            first.stage2.learning_rate, first.stage2.weight_decay,
+            clip_norm=first.stage2.clip_norm or None,
+        )
+        stage2_fn = shard_stage2_packed_step(
+            mesh, unet=models.unet, optimizer=unet_optimizer,
+            batch_size=first.stage2.batch_size, min_snr_gamma=s1.min_snr_gamma or None,
+        )
+        encode_caption = jax.jit(functools.partial(
+            caption_context, models.text_encoder, tuple(placeholder_ids)
+        ))
         packs = [group_runs[i : i + pack] for i in range(0, len(group_runs), pack)]
         for k, members in enumerate(packs):
             if _everywhere(all(_done(r, workdir) for r in members)):
@@ -216,34 +235,53 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 name: jnp.asarray([r.config.stage1[name] for r in slots], jnp.float32)
                 for name in PER_RUN_NUMBERS
             })
+            s2 = first.stage2
+            total = s1.steps + s2.steps
             checkpoints = RunCheckpoints(
-                workdir / "checkpoints" / f"group{g}_pack{k}", first.keep_checkpoints, [s1.steps]
+                workdir / "checkpoints" / f"group{g}_pack{k}", first.keep_checkpoints,
+                [s1.steps, total],
             )
             start = checkpoints.latest_step() or 0
+            unet_states = None
             if start:
-                state = checkpoints.restore(start, {"embedding": state})["embedding"]
+                like = {"embedding": state}
+                if start > s1.steps:
+                    like["unet"] = _initial_unet_states(slots, frozen["unet"], unet_optimizer)
+                restored = checkpoints.restore(start, like)
+                state, unet_states = restored["embedding"], restored.get("unet")
             owned = [(c, r) for c, r in enumerate(members) if slot_hosts[c][1] == me]
             logs = {r.name: _run_log(r, workdir, start) for _, r in owned}
+
             for step in range(start + 1, s1.steps + 1):
                 state, metrics = step_fn(state, data, hypers, frozen, models.schedule)
                 if step % first.log_every == 0 or step == s1.steps:
-                    values = _gather(metrics)
-                    for c, run in owned:
-                        record = {"stage": 1, "step": step,
-                                  **{m: float(v[c]) for m, v in values.items()}}
-                        logs[run.name].write(json.dumps(record) + "\n")
-                        logs[run.name].flush()
+                    _log(logs, owned, 1, step, metrics)
                 if step % first.checkpoint_every == 0 or step == s1.steps:
                     checkpoints.save(step, {"embedding": state})
-            checkpoints.close()
             embeds = np.asarray(_gather(state.embeds))
+            if s2.steps:
+                if unet_states is None:
+                    unet_states = _initial_unet_states(slots, frozen["unet"], unet_optimizer)
+                contexts = jnp.stack([
+                    encode_caption(models.params["text"], jnp.asarray(caption), embeds[c])
+                    for c in range(pack)
+                ])
+                for step in range(max(start, s1.steps) + 1, total + 1):
+                    unet_states, metrics = stage2_fn(unet_states, data, contexts, models.schedule)
+                    if step % first.log_every == 0 or step == total:
+                        _log(logs, owned, 2, step, metrics)
+                    if step % first.checkpoint_every == 0 or step == total:
+                        checkpoints.save(step, {"embedding": state, "unet": unet_states})
+            checkpoints.close()
             for c, run in owned:
                 logs[run.name].close()
-                _finish_run(run, workdir, embeds[c])
+                unet_params = _local_slice(unet_states.params, c) if s2.steps else None
+                _finish_run(run, workdir, embeds[c], models.unet, unet_params)
         group_reports.append({
             "runs": [r.name for r in group_runs],
             "packs": len(packs),
             "compilations": step_fn.jitted._cache_size(),
+            "stage2_compilations": stage2_fn.jitted._cache_size(),
         })
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("core-jax sweep: every run written")
@@ -279,11 +317,42 @@ def _run_log(run: Run, workdir: Path, start: int):
     return path.open("a")
 
 
-def _finish_run(run: Run, workdir: Path, learned: np.ndarray) -> None:
+def _log(logs: dict, owned: list[tuple[int, Run]], stage: int, step: int, metrics: Any) -> None:
+    """One metrics.jsonl record per run this host owns."""
+    values = _gather(metrics)
+    for c, run in owned:
+        record = {"stage": stage, "step": step, **{m: float(v[c]) for m, v in values.items()}}
+        logs[run.name].write(json.dumps(record) + "\n")
+        logs[run.name].flush()
+
+
+def _initial_unet_states(slots: list[Run], unet_params: Any, optimizer: Any) -> UNetState:
+    return stack_unet_states([init_unet_state(unet_params, r.config.seed, optimizer)
+                              for r in slots])
+
+
+def _local_slice(tree: Any, c: int) -> Any:
+    """Concept c of concept-sharded arrays, read from this host's shards (it owns run c)."""
+
+    def one(leaf: jax.Array) -> np.ndarray:
+        for shard in leaf.addressable_shards:
+            rows = range(*shard.index[0].indices(leaf.shape[0]))
+            if c in rows:
+                return np.asarray(shard.data)[rows.index(c)]
+        raise ValueError(f"concept {c} is not on this host")
+
+    return jax.tree.map(one, tree)
+
+
+def _finish_run(
+    run: Run, workdir: Path, learned: np.ndarray, unet: Any, unet_params: Any | None
+) -> None:
     folder = run.folder(workdir)
     export.save_learned_embeds(
         folder / "learned_embeds.safetensors", run.config.concept.placeholder, learned
     )
+    if unet_params is not None:
+        export.export_unet(folder, unet, unet_params)
     # The last step is always logged: its record holds the final loss terms.
     last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     result = {"run": run.name, **{k: v for k, v in last.items() if k != "stage"}}
