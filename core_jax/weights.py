@@ -182,8 +182,8 @@ def read_weights(directory: Path, stem: str, allow_pickle: bool = False) -> dict
         if not allow_pickle:
             raise InputError(
                 f"{directory} has only pickled weights ({pickled[0].name}); pickles can run code "
-                "when loaded. Convert them to safetensors, or pass allow_pickle=True if you trust "
-                "the file"
+                "when loaded. Convert them to safetensors, or if you trust the file set "
+                "allow_pickle (--config.model.allow_pickle=True)"
             )
         import torch  # opt-in path only
 
