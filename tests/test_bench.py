@@ -1,0 +1,109 @@
+"""The benchmark command and the chunked (flash-style) attention it made the default on CPU.
+
+No timing is asserted anywhere: the machine is shared and timings are noise here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_jax.models import attention
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _qkv(batch: int, n_q: int, n_k: int, heads: int, dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, n_q, heads, dim)) * 2.0  # peaked softmax rows too
+    k, v = (rng.standard_normal((batch, n_k, heads, dim)) for _ in range(2))
+    return tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "n_q, n_k, chunk",
+    [
+        (64, 64, 16),  # several whole chunks
+        (100, 100, 32),  # the last chunk is padded
+        (37, 77, 8),  # cross-attention shapes, keys not a multiple of anything
+        (5, 9, 64),  # fewer queries than one chunk
+    ],
+)
+def test_chunked_attention_equals_explicit_values_and_gradients(n_q, n_k, chunk):
+    q, k, v = _qkv(2, n_q, n_k, 3, 8)
+    scale = 8**-0.5
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape[:3] + (8,)),
+                            jnp.float32)
+
+    def value_and_grads(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v), q, k, v)
+        return out, vjp(cotangent)
+
+    chunked = jax.jit(lambda: value_and_grads(
+        lambda q, k, v: attention.chunked_attention(q, k, v, scale, chunk)))()
+    explicit = jax.jit(lambda: value_and_grads(
+        lambda q, k, v: attention.explicit_attention(q, k, v, scale)))()
+    chex.assert_trees_all_close(chunked, explicit, rtol=2e-5, atol=2e-6)
+
+
+def test_chunked_attention_keeps_the_value_dtype():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 70, 70, 2, 4))
+    out = attention.chunked_attention(q, k, v, 0.5, chunk=32)
+    assert out.dtype == jnp.bfloat16
+    reference = attention.explicit_attention(*(x.astype(jnp.float32) for x in (q, k, v)), 0.5)
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference, rtol=2e-2, atol=2e-2)
+
+
+def _has_loop(fn, *args) -> bool:
+    # A new function object each time: jit caches traces by function, and the choice of form
+    # happens at trace time.
+    return "stablehlo.while" in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def test_dispatch_chunks_long_sequences_on_cpu_unless_told_not_to():
+    long = _qkv(1, 2 * attention.CHUNK + 3, 2 * attention.CHUNK + 3, 2, 4)
+    short = _qkv(1, attention.CHUNK, attention.CHUNK, 2, 4)
+
+    def attend(q, k, v):
+        return attention.dot_product_attention(q, k, v, 0.5)
+
+    assert _has_loop(attend, *long)
+    assert not _has_loop(attend, *short)
+    with attention.explicit_attention_only():
+        assert not _has_loop(attend, *long)
+    np.testing.assert_allclose(
+        attend(*long), attention.explicit_attention(*long, 0.5), rtol=2e-5, atol=2e-6
+    )
+
+
+def test_bench_command_emits_one_json_line_per_variant(tmp_path):
+    env = {**os.environ, "CORE_JAX_ALLOCATOR": "system", "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable, "-m", "core_jax", "bench", "--config", str(REPO / "configs/bench_tiny.py"),
+        "--variants", "ti,core,sample", "--json", "--config.steps=2", "--config.warmup=0",
+        "--config.sample.num_inference_steps=3",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert "environment" in lines[0]
+    results = lines[1:]
+    assert [r["variant"] for r in results] == ["ti", "core", "sample"]
+    for r in results:
+        assert r["framework"] == "jax"
+        for key in ("median_s", "min_s", "max_s", "compile_s", "lower_s", "first_call_s",
+                    "flops", "flops_per_s", "peak_rss_mb"):
+            assert isinstance(r[key], float) and np.isfinite(r[key]) and r[key] > 0, key
+        assert r["steps"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
+    ti, core = results[0], results[1]
+    assert core["ratio_to_ti"] == pytest.approx(core["median_s"] / ti["median_s"])
+    # CoRe adds the y_cat pass and doubles the U-Net batch: more FLOPs than TI alone.
+    assert core["flops"] > 2 * ti["flops"]
