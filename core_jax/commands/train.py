@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -14,13 +16,20 @@ _STOP_AT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _train(*args: Any, **kwargs: Any) -> Any:
+    # Imported here, inside the error reporting: the import takes seconds (JAX, transformers)
+    # and a Ctrl-C during it is reported like one during set-up.
+    from core_jax.train.loop import train
+
+    return train(*args, **kwargs)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
     from core_jax.commands import run_reporting_input_errors
-    from core_jax.train.loop import train
 
     run_reporting_input_errors(
-        train, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
+        _train, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
         stop_at_step=_STOP_AT.value,
     )
