@@ -77,9 +77,9 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: b
                 f"--overwrite would delete {workdir}, which is not a core-jax run (no "
                 "config.json); choose another --workdir"
             )
-        images = config.concept.images
-        inputs = [config.model.path, "" if images.startswith("builtin:") else images]
-        for path in (Path(p).resolve() for p in inputs if p):
+        # Only what exists on disk can be deleted ("builtin:chelsea" names no file).
+        inputs = [Path(p).resolve() for p in (config.model.path, config.concept.images) if p]
+        for path in (p for p in inputs if p.exists()):
             if path.is_relative_to(workdir.resolve()):
                 raise InputError(
                     f"--overwrite would delete {path}, an input of this run inside {workdir}"
