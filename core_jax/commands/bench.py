@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
         report("components (forward + backward)", results)
         return
 
-    variants = _split(_VARIANTS.value or config.variants)
+    variants = _split(config.variants if _VARIANTS.value is None else _VARIANTS.value)
     scaling = _split(config.scaling.concepts) if _SCALING.value else []
     concepts = max([int(c) for c in scaling] or [1])
     setup = bench.build_setup(config.preset, config.batch, concepts)

@@ -48,16 +48,23 @@ def attention_probabilities(
     """Softmax attention probabilities [B, H, N, T] in fp32 for q [B, N, H, D], k [B, T, H, D]."""
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bnhd,bthd->bhnt", q * jnp.asarray(scale, q.dtype), k)
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    # Heads-major operands make both products plain batched [N, D] @ [D, T] matrix products.
+    q_heads = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B, H, N, D]
+    k_t = k.transpose(0, 2, 3, 1)  # [B, H, D, T]
+    return jax.nn.softmax((q_heads @ k_t).astype(jnp.float32), axis=-1)
+
+
+def weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [B, H, N, T] applied to v [B, T, H, D]: [B, N, H, D] in v's dtype."""
+    out = probs.astype(v.dtype) @ v.transpose(0, 2, 1, 3)  # [B, H, N, D]
+    return out.transpose(0, 2, 1, 3)
 
 
 def explicit_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False
 ) -> jax.Array:
     """softmax(q k^T * scale) v through the full probability map, returned as [B, N, H, D]."""
-    probs = attention_probabilities(q, k, scale, upcast)
-    return jnp.einsum("bhnt,bthd->bnhd", probs.astype(v.dtype), v)
+    return weighted_values(attention_probabilities(q, k, scale, upcast), v)
 
 
 def chunked_attention(

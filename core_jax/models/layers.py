@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from core_jax.models.attention import attention_probabilities, dot_product_attention
+from core_jax.models.attention import (
+    attention_probabilities,
+    dot_product_attention,
+    weighted_values,
+)
 
 
 def conv3x3(features: int, name: str, dtype: jnp.dtype, strides: int = 1) -> nn.Conv:
@@ -157,7 +161,7 @@ class Attention(nn.Module):
             var = jnp.mean(jnp.square(probs), axis=(1, 2)) - jnp.square(mean)
             self.sow("attn_stats", "mean", mean)
             self.sow("attn_stats", "var", var)
-            out = jnp.einsum("bhnt,bthd->bnhd", probs.astype(v.dtype), v)
+            out = weighted_values(probs, v)
         else:
             out = dot_product_attention(q, k, v, scale, self.upcast_attention)
         out = out.reshape(batch, n_q, inner)

@@ -1,0 +1,34 @@
+"""Benchmark on Stable Diffusion 1.5's real shapes (random weights): the cost at full size.
+
+What it runs: the stage-1 step on SD 1.5's U-Net (320/640/1280/1280, 64x64 latents, 4096-token
+self-attention) and CLIP ViT-L/14 text encoder, fp32, with TI only and CoRe, plus the stage-2
+step; batch 1 on CPU (DESIGN.md: 6 on a GPU, `--config.batch=6`). Loss variants and weights
+match benchmarks/torch_reference.py.
+
+Commands:
+    core-jax bench --config configs/bench_sd15.py
+    core-jax bench --config configs/bench_sd15.py --vs-torch --config.steps=3
+
+Time here (2-core CPU): long. Each variant compiles for minutes and a CoRe step takes tens of
+seconds; the default (ti, core, unet; 3 timed steps each) is about half an hour. On a GPU,
+seconds per variant.
+What to expect: the same CoRe/TI ratio as bench-small (about 2.3), more of the step in
+convolutions and the 4096-token attention; about 10 GB of host memory for CoRe at batch 1.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "sd15"
+    c.batch = 1
+    c.steps = 3
+    c.warmup = 0
+    c.variants = "ti,core,unet"
+    c.torch_threads = 0
+    c.sample = ml_collections.ConfigDict(dict(batch=1, num_inference_steps=50))
+    c.scaling = ml_collections.ConfigDict(
+        dict(variant="core", concepts="1,2", batch_per_concept=1, steps=3)
+    )
+    return c
