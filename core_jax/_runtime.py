@@ -11,12 +11,16 @@ clearly an accelerator, it re-executes the process once with the allocator prelo
 tunables set; glibc reads both only at start-up). `CORE_JAX_ALLOCATOR` chooses:
 `auto` (default: tcmalloc, else jemalloc, else glibc tunables), `tcmalloc`, `jemalloc`,
 `tunables`, or `system` (leave the process alone).
+
+Processes that do not start through the CLI (pytest, notebooks, launch scripts) get the same
+setting from `eval "$(python -m core_jax._runtime)"`, which prints the shell exports.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -132,3 +136,13 @@ def allocator_in_use() -> str:
     if "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""):
         return "glibc (tunables: no mmap, no trim)"
     return "glibc"
+
+
+def shell_exports(env: Mapping[str, str]) -> str:
+    """`export NAME=value` lines for `allocator_environment(env)` (empty if nothing changes)."""
+    extra = allocator_environment(env) or {}
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in extra.items())
+
+
+if __name__ == "__main__":
+    print(shell_exports(os.environ))

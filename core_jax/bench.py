@@ -269,10 +269,12 @@ def sample_program(
     return Program(jax.jit(chain), (setup.frozen["unet"], x_T, context))
 
 
-def _sample_flops(setup: Stage1Setup, program: Program, num_inference_steps: int) -> float | None:
+def _sample_flops(
+    setup: Stage1Setup, program: Program, num_inference_steps: int, guidance_scale: float = 7.5
+) -> float | None:
     """FLOPs of one chain: one guided U-Net call (explicit attention) x the number of steps."""
     params, x_T, context = program.args
-    model = _guided_unet(setup, 7.5)
+    model = _guided_unet(setup, guidance_scale)
 
     def one_call(params: Any, x: jax.Array, context: jax.Array) -> jax.Array:
         return model(params, context)(x, jnp.full((x.shape[0],), 500, jnp.int32))
@@ -391,7 +393,7 @@ def run_suite(
     (interleaved, so slow drifts of the machine hit both alike). `emit` sees each result as it
     is made; ratios to TI are filled in when TI is among the variants."""
     setup = setup or build_setup(preset, batch)
-    if setup.config.batch_size != batch:
+    if setup.state.embeds.shape[0] != 1 or setup.config.batch_size != batch:
         setup = with_concepts(setup, 1, batch)
     results: list[Result] = []
     ti: dict[str, float] = {}
