@@ -54,6 +54,20 @@ def test_chunked_attention_equals_explicit_values_and_gradients(n_q, n_k, chunk)
     chex.assert_trees_all_close(chunked, explicit, rtol=2e-5, atol=2e-6)
 
 
+def test_chunked_attention_in_group_slices_equals_explicit(monkeypatch):
+    # A small block budget makes the step take 2 of the 6 batch x head groups at a time.
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 16 * 40)
+    assert attention._group_chunk(6, 16, 40) == 2
+    q, k, v = _qkv(2, 40, 40, 3, 4, seed=3)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2))
+
+    chunked = jax.jit(loss(lambda q, k, v: attention.chunked_attention(q, k, v, 0.5, 16)))
+    explicit = jax.jit(loss(lambda q, k, v: attention.explicit_attention(q, k, v, 0.5)))
+    chex.assert_trees_all_close(chunked(q, k, v), explicit(q, k, v), rtol=2e-5, atol=2e-6)
+
+
 def test_chunked_attention_keeps_the_value_dtype():
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 70, 70, 2, 4))
     out = attention.chunked_attention(q, k, v, 0.5, chunk=32)

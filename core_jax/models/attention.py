@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ import jax.numpy as jnp
 # Queries per chunk. Measured on the bench-small shapes (1024 and 256 tokens, 8 heads, batch 6
 # and 12): 64 beat 16, 32, 128 and 256 by 10-40 % in fwd+bwd.
 CHUNK = 64
+# Batch x head groups are processed a few at a time too, so one step's [groups, chunk, T] score
+# block is about 4 MB (16 groups at T = 1024): it stays in the cores' L2 across the step's
+# five or so passes. Measured at 1024 tokens: 25-40 % less fwd+bwd time than all groups at once.
+_BLOCK_ELEMENTS = 1 << 20
 _EXPLICIT_ONLY = contextvars.ContextVar("explicit_attention_only", default=False)
 
 
@@ -85,7 +90,8 @@ def chunked_attention(
     qg = groups(q) * scale
     if pad:
         qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0)))
-    out = _flash(qg, groups(k), groups(v), chunk)[:, :n_q]
+    group_chunk = _group_chunk(batch * heads, chunk, k.shape[1])
+    out = _flash(qg, groups(k), groups(v), chunk, group_chunk)[:, :n_q]
     return out.reshape(batch, heads, n_q, dim).transpose(0, 2, 1, 3).astype(v.dtype)
 
 
@@ -100,6 +106,12 @@ def dot_product_attention(
     return explicit_attention(q, k, v, scale, upcast)
 
 
+def _group_chunk(groups: int, chunk: int, num_keys: int) -> int:
+    """The largest divisor of `groups` whose score block fits `_BLOCK_ELEMENTS`."""
+    limit = max(1, _BLOCK_ELEMENTS // (chunk * num_keys))
+    return max(d for d in range(1, min(groups, limit) + 1) if groups % d == 0)
+
+
 def _split(x: jax.Array, chunk: int) -> jax.Array:
     """[G, N, ...] -> [N / chunk, G, chunk, ...]: chunks leading, for map/scan."""
     g, n = x.shape[:2]
@@ -110,6 +122,14 @@ def _merge(x: jax.Array) -> jax.Array:
     """Inverse of `_split`."""
     x = x.swapaxes(0, 1)
     return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _per_group_chunk(fn: Callable[..., Any], group_chunk: int, *arrays: jax.Array) -> Any:
+    """fn over slices of `group_chunk` groups (leading axis) under `lax.map`; results joined."""
+    g = arrays[0].shape[0]
+    split = [a.reshape((g // group_chunk, group_chunk) + a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
+    return jax.tree.map(lambda a: a.reshape((g,) + a.shape[2:]), out)
 
 
 def _forward(
@@ -129,22 +149,11 @@ def _forward(
     return _merge(out), _merge(lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
-    return _forward(q, k, v, chunk)[0]
-
-
-def _flash_fwd(
-    q: jax.Array, k: jax.Array, v: jax.Array, chunk: int
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    out, lse = _forward(q, k, v, chunk)
-    return out, (q, k, v, out, lse)
-
-
-def _flash_bwd(
-    chunk: int, residuals: tuple[jax.Array, ...], d_out: jax.Array
+def _backward(
+    chunk: int, q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
+    d_out: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, out, lse = residuals
+    """(dq, dk, dv) for `_forward`'s inputs, recomputing each chunk's probabilities."""
     # Softmax backward's row term: sum_t p * dp = sum_d out * d_out.
     row_dot = jnp.sum(d_out * out, axis=-1)  # [G, N]
     k_t = k.swapaxes(1, 2)
@@ -176,6 +185,26 @@ def _flash_bwd(
     )
     dq = dq_t.transpose(1, 0, 3, 2).reshape(q.shape)  # [n, G, D, c] -> [G, N, D]
     return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, group_chunk: int) -> jax.Array:
+    return _flash_fwd(q, k, v, chunk, group_chunk)[0]
+
+
+def _flash_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, group_chunk: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    forward = functools.partial(_forward, chunk=chunk)
+    out, lse = _per_group_chunk(forward, group_chunk, q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(
+    chunk: int, group_chunk: int, residuals: tuple[jax.Array, ...], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    backward = functools.partial(_backward, chunk)
+    return _per_group_chunk(backward, group_chunk, *residuals, d_out)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
