@@ -5,11 +5,12 @@ Two ways to compute the same function:
 - `attention_probabilities` / `explicit_attention`: the whole [B, H, N, T] probability map. Cross-
   attention uses it (77 keys are cheap, and the regularizers read the probabilities).
 - `chunked_attention`: flash-style, for long self-attention on CPU. Queries are processed in
-  chunks under `lax.map`/`lax.scan`, so the [chunk, T] score blocks stay in cache instead of
-  streaming 200 MB maps through memory; the backward pass (its own `custom_vjp`) recomputes the
-  probabilities from the saved log-sum-exp instead of storing them. Every matrix product is a
-  plain row-major `[G, M, K] @ [G, K, N]` (G = batch x heads leading), the one layout XLA:CPU
-  hands to its fast dot library; the backward works on transposed score blocks to keep it so.
+  chunks of 64 and batch x head groups a few at a time, under `lax.map`/`lax.scan`, so each
+  step's score block (about 4 MB) stays in cache instead of streaming 200 MB maps through
+  memory; the backward pass (its own `custom_vjp`) recomputes the probabilities from the saved
+  log-sum-exp instead of storing them. Every matrix product is a plain row-major
+  `[G, M, K] @ [G, K, N]` (G = batch x heads leading), the one layout XLA:CPU hands to its fast
+  dot library: both passes work on transposed score blocks (keys on rows) to keep it so.
 
 `dot_product_attention` picks: chunked on the CPU backend, explicit elsewhere (GPU/TPU compilers
 fuse the explicit form well, and a sequential chunk loop would only serialize them).
@@ -132,21 +133,35 @@ def _per_group_chunk(fn: Callable[..., Any], group_chunk: int, *arrays: jax.Arra
     return jax.tree.map(lambda a: a.reshape((g,) + a.shape[2:]), out)
 
 
+def _split_t(x: jax.Array, chunk: int) -> jax.Array:
+    """[G, N, D] -> [N / chunk, G, D, chunk]: chunks leading, each chunk transposed."""
+    g, n, d = x.shape
+    return x.swapaxes(1, 2).reshape(g, d, n // chunk, chunk).transpose(2, 0, 1, 3)
+
+
+def _merge_t(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_t`."""
+    n, g, d, c = x.shape
+    return x.transpose(1, 0, 3, 2).reshape(g, n * c, d)
+
+
 def _forward(
     q: jax.Array, k: jax.Array, v: jax.Array, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
     """Output [G, N, D] and log-sum-exp [G, N] for pre-scaled q [G, N, D], k, v [G, T, D]."""
-    k_t = k.swapaxes(1, 2)  # [G, D, T], once, so each chunk's q @ k_t is row-major
+    v_t = v.swapaxes(1, 2)  # [G, D, T], once
 
-    def one(q_c: jax.Array) -> tuple[jax.Array, jax.Array]:
-        scores = q_c @ k_t  # [G, c, T]
-        peak = jnp.max(scores, axis=-1, keepdims=True)
-        e = jnp.exp(scores - peak)
-        total = jnp.sum(e, axis=-1, keepdims=True)
-        return (e @ v) / total, (peak + jnp.log(total))[..., 0]
+    def one(q_c_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Scores with keys on rows, [G, T, c]: the max and sum over keys run across rows
+        # (element-wise over c lanes), which measured 10-20 % faster than along each row.
+        scores_t = k @ q_c_t
+        peak = jnp.max(scores_t, axis=1, keepdims=True)  # [G, 1, c]
+        e_t = jnp.exp(scores_t - peak)
+        total = jnp.sum(e_t, axis=1, keepdims=True)
+        return (v_t @ e_t) / total, (peak + jnp.log(total))[:, 0]  # out^T [G, D, c], [G, c]
 
-    out, lse = jax.lax.map(one, _split(q, chunk))
-    return _merge(out), _merge(lse)
+    out_t, lse = jax.lax.map(one, _split_t(q, chunk))
+    return _merge_t(out_t), _merge(lse)
 
 
 def _backward(
@@ -170,21 +185,13 @@ def _backward(
         dk = dk + ds_t @ q_c
         return (dk, dv), k_t @ ds_t  # dq^T of the chunk, [G, D, c]
 
-    q_t, do_t = q.swapaxes(1, 2), d_out.swapaxes(1, 2)  # [G, D, N]
-    n_chunks = q.shape[1] // chunk
-
-    def split_t(x_t: jax.Array) -> jax.Array:  # [G, D, N] -> [n, G, D, c]
-        g, d = x_t.shape[:2]
-        return x_t.reshape(g, d, n_chunks, chunk).transpose(2, 0, 1, 3)
-
     (dk, dv), dq_t = jax.lax.scan(
         body,
         (jnp.zeros_like(k), jnp.zeros_like(v)),
-        (_split(q, chunk), split_t(q_t), _split(d_out, chunk), split_t(do_t),
+        (_split(q, chunk), _split_t(q, chunk), _split(d_out, chunk), _split_t(d_out, chunk),
          _split(lse, chunk), _split(row_dot, chunk)),
     )
-    dq = dq_t.transpose(1, 0, 3, 2).reshape(q.shape)  # [n, G, D, c] -> [G, N, D]
-    return dq, dk, dv
+    return _merge_t(dq_t), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
