@@ -386,20 +386,23 @@ def run_suite(
     torch_threads: int | None = None,
     sample_batch: int = 1,
     sample_steps: int = 50,
+    sample_chains: int | None = None,
     setup: Stage1Setup | None = None,
     emit: Callable[[Result], None] = lambda r: None,
 ) -> list[Result]:
     """Every variant in JAX, each followed by the same variant in PyTorch when `vs_torch`
     (interleaved, so slow drifts of the machine hit both alike). `emit` sees each result as it
-    is made; ratios to TI are filled in when TI is among the variants."""
+    is made; ratios to TI are filled in when TI is among the variants. `sample` times
+    `sample_chains` whole chains (default: `steps`)."""
     setup = setup or build_setup(preset, batch)
     if setup.state.embeds.shape[0] != 1 or setup.config.batch_size != batch:
         setup = with_concepts(setup, 1, batch)
     results: list[Result] = []
     ti: dict[str, float] = {}
     for variant in _ordered(variants):
-        runs = [lambda v=variant: measure_jax(
-            setup, preset, v, steps=steps, warmup=warmup, sample_batch=sample_batch,
+        timed = (sample_chains or steps) if variant == "sample" else steps
+        runs = [lambda v=variant, n=timed: measure_jax(
+            setup, preset, v, steps=n, warmup=warmup, sample_batch=sample_batch,
             sample_steps=sample_steps,
         )]
         if vs_torch and variant in TORCH_VARIANTS:

@@ -130,7 +130,7 @@ def test_bench_command_emits_one_json_line_per_variant(tmp_path):
         sys.executable, "-m", "core_jax", "bench", "--config", str(REPO / "configs/bench_tiny.py"),
         # Two variants keep the compile time down: the stage-1 step and the sampling chain.
         "--variants", "sample,ti", "--json", "--config.steps=2", "--config.warmup=0",
-        "--config.sample.num_inference_steps=2",
+        "--config.sample.num_inference_steps=2", "--config.sample.chains=2",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

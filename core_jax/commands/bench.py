@@ -83,6 +83,7 @@ def main(argv: list[str]) -> None:
         config.preset, variants, batch=config.batch, steps=config.steps, warmup=config.warmup,
         vs_torch=_VS_TORCH.value, torch_threads=config.torch_threads or None,
         sample_batch=config.sample.batch, sample_steps=config.sample.num_inference_steps,
+        sample_chains=config.sample.chains,
         setup=setup, emit=emit,
     )
     report(f"{config.preset}, batch {config.batch}, {config.steps} steps", results)
