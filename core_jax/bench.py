@@ -200,7 +200,7 @@ def time_program(
 def build_setup(preset: str, batch: int, concepts: int = 1) -> Stage1Setup:
     """Random-weight models and concept data shared by every variant of one run."""
     return random_stage1_setup(
-        preset, num_concepts=concepts, batch_size=batch * concepts,
+        preset, num_concepts=concepts, batch_size=batch,
         weights=TORCH_MATCHED_WEIGHTS, emb_variant="code", attn_variant="code",
     )
 
@@ -316,7 +316,7 @@ def measure_jax(
             counted = build()  # a fresh trace: jit caches traces by function, not by context
             flops = _flops(counted.jitted.lower(*counted.args))
         program = build()
-        batch, note = setup.config.batch_size, ""
+        batch, note = setup.config.batch_size * int(setup.state.embeds.shape[0]), ""
     timing = time_program(program, steps=steps, warmup=warmup, flops=flops)
     return Result(
         variant=variant, framework="jax", preset=preset, batch=batch,
@@ -363,7 +363,7 @@ def with_concepts(setup: Stage1Setup, concepts: int, batch_per_concept: int) -> 
     first = functools.partial(jax.tree.map, lambda x: x[:concepts])
     return dataclasses.replace(
         setup, data=first(setup.data), hypers=first(setup.hypers), state=first(setup.state),
-        config=dataclasses.replace(setup.config, batch_size=concepts * batch_per_concept),
+        config=dataclasses.replace(setup.config, batch_size=batch_per_concept),
     )
 
 

@@ -167,3 +167,19 @@ def test_tables_and_ratios_from_results():
     assert "| ti | torch |" in table[3] and "| 1.0 |" in table[2]  # GFLOP/step
     assert bench.format_comparison(results) == "ti: JAX 1.000 s / torch 2.000 s = 0.50"
     assert json.loads(results[0].to_json())["median_s"] == 1.0
+
+
+def test_packed_concepts_cost_what_their_rows_cost():
+    """C concepts x b rows is C x b rows of work: XLA's FLOP count of the step with 2 concepts
+    of 1 row equals 1 concept of 2 rows (the bench once packed C x (C x b) rows)."""
+    from core_jax import bench
+
+    def step_flops(setup):
+        with attention.explicit_attention_only():
+            program = bench.stage1_program(setup, "core")
+            return bench._flops(program.jitted.lower(*program.args))
+
+    packed = bench.with_concepts(bench.build_setup("tiny", 1, concepts=2), 2, 1)
+    single = bench.with_concepts(bench.build_setup("tiny", 2), 1, 2)
+    assert packed.config.batch_size == 1 and single.config.batch_size == 2
+    assert step_flops(packed) == pytest.approx(step_flops(single), rel=0.05)

@@ -49,6 +49,12 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"environment": environment}), flush=True)
     else:
         print("\n".join(f"{key}: {value}" for key, value in environment.items()), flush=True)
+    if environment["load_average"][0] > 0.5 * (os.cpu_count() or 1):
+        # PyTorch's OpenMP threads wait on each other at every op: with a core taken by another
+        # process its steps were measured 10-20x slower here, JAX's about 1.5x.
+        print("core-jax bench: warning: the machine is busy (load average "
+              f"{environment['load_average'][0]}); timings, PyTorch's most, will be inflated",
+              file=sys.stderr, flush=True)
 
     def emit(result: bench.Result) -> None:
         if as_json:
