@@ -22,6 +22,7 @@ from transformers import CLIPTokenizer
 
 from core_jax.diffusion import SAMPLERS, NoiseSchedule, guided, make_schedule, sample
 from core_jax.models.clip_text import CLIPTextModel
+from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
@@ -51,7 +52,7 @@ class Pipeline:
     text_params: Params
     unet: UNet2DConditionModel
     unet_params: Params
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelSpace
     vae_params: Params
     schedule: NoiseSchedule
     placeholder: str = "<s*>"
@@ -109,7 +110,7 @@ def _encode(
 def _sample(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | PixelSpace,
     params: Params,
     schedule: NoiseSchedule,
     ids: jax.Array,
@@ -149,7 +150,7 @@ def _sample(
     if not decode:
         return latents
     images = vae.apply(
-        {"params": params["vae"]}, latents / vae.config.scaling_factor, method=AutoencoderKL.decode
+        {"params": params["vae"]}, latents / vae.config.scaling_factor, method=vae.decode
     )
     # Same mapping as core_jax.data.to_uint8, done on device so only bytes come back.
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)

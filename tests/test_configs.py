@@ -28,7 +28,7 @@ def test_config_loads_and_opens_with_documentation(path, tmp_path):
     assert "Time" in doc, "docstring must say how long it takes"
     if path.name == "from_json.py":  # reruns a saved config: give it one
         saved = tmp_path / "config.json"
-        saved.write_text(load(ROOT / "configs" / "default.py").get_config().to_json())
+        saved.write_text(load(ROOT / "configs" / "tiny_cat.py").get_config().to_json())
         assert module.get_config(str(saved)).concept.name == "chelsea"
     else:
         module.get_config()
@@ -49,7 +49,7 @@ def test_paper_hyper_parameters():
 
 def test_misspelt_override_fails_naming_the_key(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/default.py"),
+        [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/tiny_cat.py"),
          "--workdir", str(tmp_path / "w"), "--config.stage1.learnin_rate=0.1"],
         capture_output=True, text=True, timeout=120,
     )

@@ -55,9 +55,9 @@ TOTAL = 10
 
 
 def make_config(**overrides: object) -> ml_collections.ConfigDict:
-    """configs/default.py with FAST and `overrides` (dots spelt `__`); batches fill every
+    """configs/tiny_cat.py with FAST and `overrides` (dots spelt `__`); batches fill every
     device this process sees (8 virtual CPUs), so only the input under test is wrong."""
-    spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs/default.py")
+    spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs/tiny_cat.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -438,8 +438,9 @@ def _flags() -> list[str]:
 
 
 def _command(workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/default.py"),
-            "--workdir", str(workdir), *_flags(), *extra]
+    return [sys.executable, "-m", "core_jax", "train",
+            "--config", str(ROOT / "configs/tiny_cat.py"), "--workdir", str(workdir),
+            *_flags(), *extra]
 
 
 def train(workdir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ FAST = [
 
 
 def train(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/default.py"),
+    cmd = [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/tiny_cat.py"),
            "--workdir", str(workdir), *FAST, *extra]
     env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

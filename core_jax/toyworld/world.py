@@ -67,8 +67,8 @@ _BACKGROUND_PHRASES = {
 
 # Geometry in image units (the image spans [-1, 1]); pattern and stroke widths in pixels of a
 # 32-pixel image, scaled with the size so a 64-pixel image shows the same picture, sharper.
-_RADIUS = {"small": 0.36, "large": 0.58}
-_CENTRE_X = {"left": -0.42, "middle": 0.0, "right": 0.42}
+_RADIUS = {"small": 0.44, "large": 0.68}
+_CENTRE_X = {"left": -0.45, "middle": 0.0, "right": 0.45}
 _MAX_TILT = np.deg2rad(12.0)  # beyond ~20 degrees a square starts to read as a diamond
 _PATTERN_PERIOD = 4.0
 _STROKE = 1.5
@@ -328,6 +328,14 @@ def _background(name: str, n: int, grid: np.ndarray, rng: np.random.Generator) -
 def render(scenes: Scenes, size: int, rng: np.random.Generator) -> np.ndarray:
     """Draw the scenes: uint8 [N, size, size, 3]. Same scenes, size and generator state, same
     pixels."""
+    return render_with_masks(scenes, size, rng)[0]
+
+
+def render_with_masks(
+    scenes: Scenes, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render`'s images and each object's coverage, float32 [N, size, size] in [0, 1] (the
+    anti-aliased fill, before outlines, frames and grain)."""
     n = len(scenes)
     grid = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)
     px = size / 2.0  # pixels per image unit
@@ -407,7 +415,7 @@ def render(scenes: Scenes, size: int, rng: np.random.Generator) -> np.ndarray:
     if sketch.any():  # pencil grain over everything
         grain = _cells(rng.normal(0.0, _GRAIN, (int(sketch.sum()), _BASE, _BASE, 1)), size)
         image[sketch] = image[sketch] + grain
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), alpha[..., 0]
 
 
 def generate(

@@ -21,6 +21,7 @@ from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
 from core_jax.diffusion.samplers import SAMPLERS
 from core_jax.errors import InputError
 from core_jax.models.clip_text import CLIPTextModel
+from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import PRESETS, random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
@@ -36,6 +37,7 @@ from core_jax.text import (
     super_category_ids,
     tokenize,
 )
+from core_jax.toyworld import world as toy_world
 
 VARIANTS = ("paper", "code")  # of stage1.emb_variant and stage1.attn_variant
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,7 +56,7 @@ class Models:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelSpace
     params: dict[str, Any]  # {"text": ..., "unet": ..., "vae": ...}
     schedule: NoiseSchedule
 
@@ -89,7 +91,7 @@ def load_models(
         try:
             text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
             unet, unet_params = weights.load_unet(path, dtype, allow)
-            vae, vae_params = weights.load_vae(path, dtype, allow)
+            vae, vae_params = load_vae_or_pixel_space(path, unet, dtype, allow)
         except InputError:
             raise
         # Truncated or garbled files (a bad header or JSON), a shard its index names missing.
@@ -120,7 +122,17 @@ def _schedule(path: Path) -> NoiseSchedule:
     return make_schedule()
 
 
-def vae_factor(vae: AutoencoderKL) -> int:
+def load_vae_or_pixel_space(
+    path: Path, unet: UNet2DConditionModel, dtype: jnp.dtype, allow_pickle: bool
+) -> tuple[AutoencoderKL | PixelSpace, Any]:
+    """The folder's VAE, or pixel space for a folder without `vae/` whose U-Net denoises RGB
+    images (3 channels in and out): then the latent pool is the images themselves."""
+    if not (path / "vae").is_dir() and unet.config.in_channels == unet.config.out_channels == 3:
+        return PixelSpace(dtype=dtype), {}
+    return weights.load_vae(path, dtype, allow_pickle)
+
+
+def vae_factor(vae: AutoencoderKL | PixelSpace) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -194,6 +206,12 @@ def concept_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
         raise InputError("no concept images: set --config.concept.images to a folder of photos")
     if source.startswith("builtin:"):
         return image_data.builtin_concept(source.removeprefix("builtin:"))
+    if source.startswith("toyworld:"):  # "toyworld:green dotted star": rendered, seeded
+        try:
+            identity = toy_world.identity_from_words(source.removeprefix("toyworld:"))
+        except ValueError as err:
+            raise InputError(f"concept.images: {err}") from err
+        return toy_world.concept_images(identity, size=config.data.resolution, seed=config.seed)
     return image_data.load_concept_images(source, min_size=config.data.resolution)
 
 
@@ -240,7 +258,7 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
 
 
 def encode_latent_pool(
-    vae: AutoencoderKL, vae_params: Any, views: np.ndarray, batch_size: int = 8
+    vae: AutoencoderKL | PixelSpace, vae_params: Any, views: np.ndarray, batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encode augmented views [N, H, W, 3] once: scaled latent mean and std [N, h, w, 4]."""
 

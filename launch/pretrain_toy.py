@@ -1,0 +1,99 @@
+"""Rebuild the toy world's shipped assets: the attribute classifiers and the toy model.
+
+    nice -n 10 .venv/bin/python launch/pretrain_toy.py            # both, into the package
+    .venv/bin/python launch/pretrain_toy.py --skip-classifier --steps 300 --out /tmp/toy
+
+Trains the classifiers on fresh world samples, pretrains the toy text-to-image model (text
+encoder + pixel-space U-Net) on the world minus its held-out concepts, then measures: classifier
+accuracy per attribute on fresh samples (32 and 64 pixels), and the toy model's prompt following,
+i.e. the classifiers' accuracy on images generated from full captions, for held-out identities and
+for seen ones. Results go to `<out>/toy_model/toyworld.json` and stdout. Everything is seeded;
+on a 2-core CPU the whole run takes about half an hour (docs/toyworld.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core_jax.toyworld import ASSETS, CLASSIFIER_PATH, MODEL_DIR
+from core_jax.toyworld import classifier as attribute_classifier
+from core_jax.toyworld import model as toy_model
+from core_jax.toyworld.world import HELD_OUT_IDENTITIES
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ASSETS, help="assets folder to write")
+    parser.add_argument("--steps", type=int, default=toy_model.PretrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=toy_model.PretrainConfig.batch_size)
+    parser.add_argument("--learning-rate", type=float,
+                        default=toy_model.PretrainConfig.learning_rate)
+    parser.add_argument("--classifier-steps", type=int, default=800)
+    parser.add_argument("--skip-classifier", action="store_true",
+                        help="reuse <out>/classifier.safetensors")
+    parser.add_argument("--eval-per-identity", type=int, default=16,
+                        help="generated images per held-out identity (and as many seen scenes)")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out: Path = args.out
+    classifier_path = out / CLASSIFIER_PATH.name
+    info: dict = {}
+
+    if args.skip_classifier:
+        classifier_params = attribute_classifier.load_params(classifier_path)
+    else:
+        start = time.perf_counter()
+        classifier_params = attribute_classifier.train_classifier(
+            steps=args.classifier_steps, seed=args.seed
+        )
+        info["classifier_train_s"] = round(time.perf_counter() - start)
+        attribute_classifier.save_params(classifier_path, classifier_params)
+    info["classifier_accuracy_32px"] = attribute_classifier.evaluate(classifier_params, 2000)
+    info["classifier_accuracy_64px"] = attribute_classifier.evaluate(
+        classifier_params, 500, size=64
+    )
+    print("classifier, 32 px:", _fmt(info["classifier_accuracy_32px"]))
+    print("classifier, 64 px:", _fmt(info["classifier_accuracy_64px"]))
+
+    config = toy_model.PretrainConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        seed=args.seed,
+        warmup_steps=min(toy_model.PretrainConfig.warmup_steps, args.steps // 10),
+    )
+    start = time.perf_counter()
+    text_encoder, unet, params, curve = toy_model.pretrain(config)
+    info["pretrain"] = {**vars(config), "train_s": round(time.perf_counter() - start),
+                        "final_loss": float(np.mean(curve[-100:]))}
+    folder = toy_model.save_toy_model(out / MODEL_DIR.name, text_encoder, unet, params, info)
+
+    pipeline = toy_model.load_pipeline(folder)
+    rng = np.random.default_rng(args.seed + 1)
+    n = args.eval_per_identity * len(HELD_OUT_IDENTITIES)
+    start = time.perf_counter()
+    for name, identities in (("held_out", HELD_OUT_IDENTITIES), ("seen", None)):
+        scenes = toy_model.evaluation_scenes(rng, n, identities)
+        scores = toy_model.prompt_following(
+            pipeline, classifier_params, scenes, guidance_scale=args.guidance_scale,
+            seed=args.seed,
+        )
+        info[f"prompt_following_{name}"] = scores
+        print(f"prompt following, {name} identities ({n} images):", _fmt(scores))
+    info["prompt_following_eval"] = {"images_each": n, "guidance_scale": args.guidance_scale,
+                                     "steps": 25, "eval_s": round(time.perf_counter() - start)}
+    info_path = folder / "toyworld.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), **info}, indent=2))
+    print(f"wrote {classifier_path} and {folder}")
+
+
+if __name__ == "__main__":
+    main()
