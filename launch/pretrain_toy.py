@@ -8,7 +8,7 @@ encoder + pixel-space U-Net) on the world minus its held-out concepts, then meas
 accuracy per attribute on fresh samples (32 and 64 pixels), and the toy model's prompt following,
 i.e. the classifiers' accuracy on images generated from full captions, for held-out identities and
 for seen ones. Results go to `<out>/toy_model/toyworld.json` and stdout. Everything is seeded;
-on a 2-core CPU the whole run takes about half an hour (docs/toyworld.md has the numbers).
+on a 2-core CPU the whole run takes about half an hour (RESULTS.md has the numbers).
 """
 
 from __future__ import annotations

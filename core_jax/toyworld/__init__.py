@@ -4,7 +4,7 @@
 background in a style, with plain English captions. `classifier`: small CNNs that read those
 attributes back (the stand-ins for CLIP/DINO scores). `model`: a toy text-to-image model
 pretrained on the world minus held-out concepts, shipped as a diffusers-style folder that
-`core-jax train --config.model.path=...` loads. docs/toyworld.md has the numbers.
+`core-jax train --config.model.path=...` loads. RESULTS.md has the numbers.
 """
 
 from pathlib import Path
