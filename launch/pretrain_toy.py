@@ -1,14 +1,18 @@
 """Rebuild the toy world's shipped assets: the attribute classifiers and the toy model.
 
-    nice -n 10 .venv/bin/python launch/pretrain_toy.py            # both, into the package
-    .venv/bin/python launch/pretrain_toy.py --skip-classifier --steps 300 --out /tmp/toy
+The shipped model was made in two rounds (6000 steps in all, about 50 minutes on a 2-core CPU):
+
+    .venv/bin/python launch/pretrain_toy.py --out /tmp/toy_a                  # 3000 steps, lr 2e-3
+    .venv/bin/python launch/pretrain_toy.py --out core_jax/toyworld/assets --skip-classifier \
+        --start-from /tmp/toy_a/toy_model --steps 3000 --learning-rate 1e-3 --seed 1
+    # (copy /tmp/toy_a/classifier.safetensors into core_jax/toyworld/assets first)
 
 Trains the classifiers on fresh world samples, pretrains the toy text-to-image model (text
 encoder + pixel-space U-Net) on the world minus its held-out concepts, then measures: classifier
 accuracy per attribute on fresh samples (32 and 64 pixels), and the toy model's prompt following,
 i.e. the classifiers' accuracy on images generated from full captions, for held-out identities and
-for seen ones. Results go to `<out>/toy_model/toyworld.json` and stdout. Everything is seeded;
-on a 2-core CPU the whole run takes about half an hour (RESULTS.md has the numbers).
+for seen ones. Results go to `<out>/toy_model/toyworld.json` and stdout (RESULTS.md has them).
+Everything is seeded.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def main() -> None:
                         help="generated images per held-out identity (and as many seen scenes)")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-from", type=Path, default=None,
+                        help="a saved toy model folder to continue pretraining from")
     args = parser.parse_args()
     out: Path = args.out
     classifier_path = out / CLASSIFIER_PATH.name
@@ -71,7 +77,10 @@ def main() -> None:
         warmup_steps=min(toy_model.PretrainConfig.warmup_steps, args.steps // 10),
     )
     start = time.perf_counter()
-    text_encoder, unet, params, curve = toy_model.pretrain(config)
+    text_encoder, unet, params, curve = toy_model.pretrain(config, start_from=args.start_from)
+    if args.start_from is not None:
+        earlier = json.loads((args.start_from / "toyworld.json").read_text())["pretrain"]
+        info["pretrained_before"] = earlier
     info["pretrain"] = {**vars(config), "train_s": round(time.perf_counter() - start),
                         "final_loss": float(np.mean(curve[-100:]))}
     folder = toy_model.save_toy_model(out / MODEL_DIR.name, text_encoder, unet, params, info)

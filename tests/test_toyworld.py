@@ -140,9 +140,12 @@ def test_shipped_toy_model_loads_and_generates():
     assert stored < 10 * 2**20
 
 
-# The shipped model's measured prompt following (toyworld.json, RESULTS.md) is about 0.99 for
-# colour and 0.96 for background; shape and position are at chance and not claimed.
-PROMPT_FOLLOWING_FLOOR = {"colour": 0.85, "background": 0.85, "pattern": 0.4, "size": 0.7}
+# The shipped model's measured prompt following (toyworld.json, RESULTS.md): colour and
+# background 1.00, size 0.92, pattern 0.83, style 0.70, shape 0.24 (chance 0.11); position is at
+# chance and not claimed. Floors leave room for 32 images at 15 steps.
+PROMPT_FOLLOWING_FLOOR = {
+    "colour": 0.9, "background": 0.9, "pattern": 0.6, "size": 0.75, "style": 0.45,
+}
 
 
 def test_shipped_toy_model_draws_what_held_out_captions_ask(classifier_params):

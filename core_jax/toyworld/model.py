@@ -196,9 +196,17 @@ def init_models(seed: int) -> tuple[CLIPTextModel, UNet2DConditionModel, Params]
 def pretrain(
     config: PretrainConfig = PretrainConfig(),
     log: Callable[[str], None] | None = print,
+    start_from: str | Path | None = None,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel, Params, list[float]]:
-    """Train from scratch on fresh world samples; returns the EMA weights and the loss curve."""
+    """Train on fresh world samples, from scratch or from the weights of a saved toy folder
+    (`start_from`; fresh optimizer, EMA starting at those weights); returns the EMA weights and
+    the loss curve."""
     text_encoder, unet, params = init_models(config.seed)
+    if start_from is not None:
+        params = {
+            "text": weights.load_text_encoder(start_from)[1],
+            "unet": weights.load_unet(start_from)[1],
+        }
     optimizer = _make_optimizer(config)
     schedule = schedule_from_config(SCHEDULER_CONFIG)
     state = TrainState(
