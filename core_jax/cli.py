@@ -1,4 +1,4 @@
-"""`core-jax <command> [flags]`: train, sample, export, bench.
+"""`core-jax <command> [flags]`: train, sample, export, sweep, bench, benchmark.
 
 Each command lives in `core_jax.commands.<name>` with its own absl flags and a `main(argv)`;
 only the chosen one is imported, so commands never see each other's flags.
@@ -17,12 +17,13 @@ COMMANDS = {
     "export": "write learned_embeds.safetensors, an A1111 embedding and the stage-2 U-Net",
     "sweep": "train many concepts x settings in one compiled program per group",
     "bench": "time the step per regularizer variant (and against PyTorch)",
+    "benchmark": "the toy-world method table: train, sample and score CoRe, TI and ablations",
 }
 
 
 def _usage() -> str:
     lines = ["usage: core-jax <command> [--flags]", "", "commands:"]
-    lines += [f"  {name:<8} {what}" for name, what in COMMANDS.items()]
+    lines += [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
     lines += ["", "core-jax <command> --help lists a command's flags."]
     return "\n".join(lines)
 

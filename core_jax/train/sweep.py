@@ -1,5 +1,6 @@
 """`core-jax sweep`: every (concept, setting) pair of a sweep config as one stage-1 run, packed
-C runs at a time into the step's concept axis.
+C runs at a time into the step's concept axis. Settings are the product of `sweep.grid`, crossed
+with `sweep.settings` (named sets of overrides, such as methods) when the config has them.
 
 Runs whose settings differ only in numbers the step takes per concept (learning rate, loss
 weights, hinge margin, seed) share one compiled program; settings that change shapes or the
@@ -19,6 +20,7 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +79,46 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=,_-]+", "-", text).strip("-")
 
 
+def _check_varied_key(key: str, where: str) -> None:
+    if key.startswith(("model.", "sweep.", "concept.", "data.")) and key != "data.num_views":
+        raise InputError(f"{where} key {key!r}: the model, data and concepts are fixed")
+
+
+def _named_settings(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+    """`sweep.settings`: named sets of overrides (methods, say), each crossed with the grid;
+    without it, one unnamed empty setting."""
+    settings = list(config.sweep.get("settings", ()))
+    names = [s["name"] for s in settings]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise InputError(f"sweep.settings need unique, non-empty names; got {names}")
+    for setting in settings:
+        for key in setting["overrides"]:
+            _check_varied_key(key, f"sweep setting {setting['name']!r}")
+    return [(s["name"], dict(s["overrides"])) for s in settings] or [("", {})]
+
+
 def expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
-    """Concepts x the grid's product, each as a complete train config."""
+    """Concepts x named settings x the grid's product (in that order, the last varying
+    fastest), each as a complete train config."""
     grid = [(key, tuple(values)) for key, values in config.sweep.grid]
     for key, _ in grid:
-        if key.startswith(("model.", "sweep.", "concept.", "data.")) and key != "data.num_views":
-            raise InputError(f"sweep grid key {key!r}: the model, data and concepts are fixed")
+        _check_varied_key(key, "sweep grid")
+    settings = _named_settings(config)
     runs = []
     for concept in config.sweep.concepts:
-        for values in itertools.product(*(v for _, v in grid)):
+        for (setting_name, overrides), values in itertools.product(
+            settings, itertools.product(*(v for _, v in grid))
+        ):
             fields = config.to_dict()
             del fields["sweep"]
             run_config = ml_collections.ConfigDict(fields)
             for field in ("name", "images", "super_category", "templates"):
                 run_config.concept[field] = concept[field]
-            for (key, _), value in zip(grid, values, strict=True):
+            for key, value in [*overrides.items(), *zip((k for k, _ in grid), values, strict=True)]:
                 _set(run_config, key, value)
-            setting = ",".join(f"{k.split('.')[-1]}={v}" for (k, _), v in zip(grid, values,
-                                                                                strict=True))
+            parts = [setting_name] if setting_name else []
+            parts += [f"{k.split('.')[-1]}={v}" for (k, _), v in zip(grid, values, strict=True)]
+            setting = ",".join(parts)
             runs.append(Run(_slug(f"{concept['name']}__{setting or 'base'}"), run_config))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -152,8 +176,13 @@ def _slot_hosts(mesh: Mesh, pack: int) -> list[tuple[set[int], int]]:
     ]
 
 
-def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Run every group, C runs at a time; returns the summary written to sweep_summary.json."""
+def sweep(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every group, C runs at a time; returns the summary written to sweep_summary.json.
+    `progress` (e.g. print) hears of each pack as it starts, checkpoints and ends."""
     started = time.perf_counter()
     workdir = Path(workdir)
     runs = expand_runs(config)
@@ -208,8 +237,12 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         ))
         packs = [group_runs[i : i + pack] for i in range(0, len(group_runs), pack)]
         for k, members in enumerate(packs):
+            where = f"group {g + 1}/{len(groups)}, pack {k + 1}/{len(packs)}"
             if _everywhere(all(_done(r, workdir) for r in members)):
+                if progress:
+                    progress(f"{where}: done already ({len(members)} runs)")
                 continue
+            pack_started = time.perf_counter()
             # A short last pack is filled with copies of its first run (their results are
             # dropped) so every pack has the group's shapes: one compilation per group.
             slots = members + [members[0]] * (pack - len(members))
@@ -251,6 +284,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 state, unet_states = restored["embedding"], restored.get("unet")
             owned = [(c, r) for c, r in enumerate(members) if slot_hosts[c][1] == me]
             logs = {r.name: _run_log(r, workdir, start) for _, r in owned}
+            if progress:
+                resumed = f", resuming at step {start}" if start else ""
+                progress(f"{where}: training {len(members)} runs for {total} steps{resumed} "
+                         f"({', '.join(r.name for r in members)})")
 
             for step in range(start + 1, s1.steps + 1):
                 state, metrics = step_fn(state, data, hypers, frozen, models.schedule)
@@ -258,6 +295,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     _log(logs, owned, 1, step, metrics)
                 if step % first.checkpoint_every == 0 or step == s1.steps:
                     checkpoints.save(step, {"embedding": state})
+                    _report_step(progress, where, step, total, pack_started)
             embeds = np.asarray(_gather(state.embeds))
             if s2.steps:
                 if unet_states is None:
@@ -272,11 +310,14 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                         _log(logs, owned, 2, step, metrics)
                     if step % first.checkpoint_every == 0 or step == total:
                         checkpoints.save(step, {"embedding": state, "unet": unet_states})
+                        _report_step(progress, where, step, total, pack_started)
             checkpoints.close()
             for c, run in owned:
                 logs[run.name].close()
                 unet_params = _local_slice(unet_states.params, c) if s2.steps else None
                 _finish_run(run, workdir, embeds[c], models.unet, unet_params)
+            if progress:
+                progress(f"{where}: done in {time.perf_counter() - pack_started:.0f} s")
         group_reports.append({
             "runs": [r.name for r in group_runs],
             "packs": len(packs),
@@ -298,6 +339,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     if me == 0:
         _write_summary(workdir, summary)
     return summary
+
+
+def _report_step(
+    progress: Callable[[str], None] | None, where: str, step: int, total: int, started: float
+) -> None:
+    if progress:
+        progress(f"{where}: step {step}/{total} ({time.perf_counter() - started:.0f} s)")
 
 
 def first_config_latent_size(config: ml_collections.ConfigDict, models: Any) -> tuple[int, ...]:

@@ -1,0 +1,271 @@
+"""`core-jax benchmark`: prompts and what they check, the scores and their intervals, the
+methods as named sweep settings, and the whole command on a 2-concept, 2-method, 2-prompt
+miniature (a random toy model and classifier built here, so the shipped assets are not needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from core_jax.errors import InputError
+from core_jax.toyworld import benchmark
+from core_jax.toyworld import classifier as attribute_classifier
+from core_jax.toyworld import model as toy_model
+from core_jax.toyworld.world import ATTRIBUTES, COLOURS, Identity
+from core_jax.train.sweep import expand_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+STAR = Identity("star", "green", "dotted")
+
+
+def _toy_benchmark_config() -> ml_collections.ConfigDict:
+    path = ROOT / "configs/toy_benchmark.py"
+    spec = importlib.util.spec_from_file_location("toy_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_contrast_colours_pair_up_and_differ():
+    for colour in COLOURS:
+        assert benchmark.contrast_colour(colour) != colour
+        assert benchmark.contrast_colour(benchmark.contrast_colour(colour)) == colour
+    assert benchmark.contrast_colour("red") == "teal"
+
+
+def test_prompt_checks_name_what_they_ask_and_what_stays_identity():
+    grass = benchmark.prompt_check("a {} on grass, sketch style", STAR, "<s*>")
+    assert grass.text == "a <s*> on grass, sketch style"
+    assert grass.asks == {"background": "grass", "style": "sketch"}
+    assert grass.identity == {"shape": "star", "colour": "green", "pattern": "dotted"}
+    recolour = benchmark.prompt_check("a {recolour} {}", STAR, "<s*>")
+    assert recolour.text == "a pink <s*>" and recolour.asks == {"colour": "pink"}
+    assert recolour.identity == {"shape": "star", "pattern": "dotted"}  # colour is changed
+
+
+@pytest.mark.parametrize("template, message", [
+    ("a star on grass", "no '{}'"),
+    ("a photo of a {}", "asks for nothing"),
+    ("a {} in the {place}", "only '{}' and '{recolour}'"),
+    ("a {} on grass in the snow", "names two backgrounds"),
+    ("a {recolour} striped circle {}", "changes the whole identity"),
+])
+def test_bad_prompts_are_refused_in_one_line(template, message):
+    with pytest.raises(InputError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        benchmark.prompt_check(template, STAR, "<s*>")
+
+
+def test_scores_are_fractions_of_checked_attributes():
+    check = benchmark.prompt_check("a {recolour} {} on grass", STAR, "<s*>")
+    index = {a: {v: i for i, v in enumerate(values)} for a, values in ATTRIBUTES.items()}
+    drawn = [  # (shape, colour, pattern, background) of three images
+        ("star", "pink", "dotted", "grass"),  # all right
+        ("star", "green", "solid", "snow"),  # half the identity; no asked attribute
+        ("heart", "pink", "dotted", "grass"),  # identity pattern only; both asks
+    ]
+    predicted = {a: np.zeros(3, np.int32) for a in ATTRIBUTES}
+    for j, (shape, colour, pattern, background) in enumerate(drawn):
+        for a, v in (("shape", shape), ("colour", colour), ("pattern", pattern),
+                     ("background", background)):
+            predicted[a][j] = index[a][v]
+    identity, text = benchmark.score_images(predicted, check)
+    np.testing.assert_allclose(identity, [1.0, 0.5, 0.5])
+    np.testing.assert_allclose(text, [1.0, 0.0, 1.0])
+
+
+def test_t_interval_matches_the_textbook_formula():
+    values = np.array([0.2, 0.5, 0.4, 0.9, 0.6])
+    interval = benchmark.t_interval(values)
+    half = stats.t.ppf(0.975, 4) * values.std(ddof=1) / np.sqrt(5)
+    assert interval["mean"] == pytest.approx(0.52) and interval["n"] == 5
+    assert interval["low"] == pytest.approx(0.52 - half)
+    assert interval["high"] == pytest.approx(0.52 + half)
+    lone = benchmark.t_interval([0.3])
+    assert lone["mean"] == 0.3 and np.isnan(lone["low"]) and np.isnan(lone["high"])
+
+
+def test_summary_pairs_differences_by_concept():
+    # 2 methods x 3 concepts x 2 prompts. Concepts differ a lot, the methods by a constant:
+    # the paired interval of the difference is a point, the unpaired intervals are wide.
+    concept_level = np.array([0.1, 0.5, 0.9])[None, :, None]
+    identity = np.broadcast_to(concept_level, (2, 3, 2)).copy()
+    text = identity + np.array([0.0, 0.1])[:, None, None]
+    summary = benchmark.summarize(
+        identity, text, ["ti", "core"], ["a", "b", "c"], ["p", "q"], reference="ti"
+    )
+    core = summary["core"]
+    assert core["text"]["mean"] == pytest.approx(0.6)
+    assert core["text_vs_reference"]["mean"] == pytest.approx(0.1)
+    assert core["text_vs_reference"]["high"] - core["text_vs_reference"]["low"] == pytest.approx(0)
+    assert core["text"]["high"] - core["text"]["low"] > 0.5
+    assert core["per_concept"]["c"]["text"] == pytest.approx(1.0)
+    assert core["per_prompt"]["q"]["identity"] == pytest.approx(0.5)
+    table = benchmark.format_markdown(summary, ["p", "q"], "ti")
+    assert "| ti | 0.500 [-0.494, 1.494] | 0.500 [-0.494, 1.494] | (reference) |" in table
+    assert "| +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in table
+
+
+def test_methods_are_named_sweep_settings():
+    config = _toy_benchmark_config()
+    assert len(config.sweep.concepts) >= 10 and len(config.sweep.settings) == 8
+    del config["benchmark"]
+    runs = expand_runs(config)
+    assert len(runs) == len(config.sweep.concepts) * len(config.sweep.settings)
+    by_name = {r.name: r.config for r in runs}
+    ti, core = by_name["green_dotted_star__ti"], by_name["green_dotted_star__core"]
+    assert ti.stage1.lambda_emb == ti.stage1.lambda_attn == 0 and ti.stage1.rescale_end == 0
+    assert core.stage1.lambda_emb > 0 and core.stage1.lambda_attn > 0
+    assert by_name["green_dotted_star__core_stage2"].stage2.steps > 0
+    assert by_name["pink_striped_moon__core"].concept.super_category == "circle"
+    assert core.concept.images == "toyworld:green dotted star"
+    config.sweep.settings = (dict(name="a", overrides={"data.resolution": 64}),)
+    with pytest.raises(InputError, match="the model, data and concepts are fixed"):
+        expand_runs(config)
+    config.sweep.settings = (dict(name="a", overrides={}), dict(name="a", overrides={}))
+    with pytest.raises(InputError, match="unique, non-empty names"):
+        expand_runs(config)
+
+
+def test_bad_benchmark_inputs_fail_before_anything_is_written(tmp_path):
+    config = _toy_benchmark_config()
+    config.benchmark.classifier = str(tmp_path / "missing.safetensors")
+    with pytest.raises(InputError, match="benchmark.classifier .* does not exist"):
+        benchmark.plan(config, tmp_path / "work")
+    (tmp_path / "classifier.safetensors").touch()
+    config.benchmark.classifier = str(tmp_path / "classifier.safetensors")
+    config.model.path = str(tmp_path)
+    config.benchmark.reference = "dreambooth"
+    with pytest.raises(InputError, match="benchmark.reference 'dreambooth' is not one of"):
+        benchmark.plan(config, tmp_path / "work")
+    config.benchmark.reference = "ti"
+    config.sweep.concepts = (dict(name="cat", images="builtin:chelsea", super_category="cat",
+                                  templates="animate"),)
+    with pytest.raises(InputError, match="must be a toy-world identity"):
+        benchmark.plan(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_run_trained_with_other_settings_is_refused(tmp_path):
+    config = _toy_benchmark_config()
+    del config["benchmark"]
+    run = expand_runs(config)[0]
+    benchmark._check_same_training(run, tmp_path)  # nothing there yet
+    run.folder(tmp_path).mkdir(parents=True)
+    (run.folder(tmp_path) / "config.json").write_text(run.config.to_json())
+    benchmark._check_same_training(run, tmp_path)
+    run.config.stage1.learning_rate = 1e-3
+    run.config.concept.caption = "a photo of a {}"
+    with pytest.raises(InputError, match=r"other settings \(concept.caption, "
+                                         r"stage1.learning_rate\); use another workdir"):
+        benchmark._check_same_training(run, tmp_path)
+
+
+# --- The command, end to end ---------------------------------------------------------------------
+
+MINIATURE = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("toy_benchmark", {config!r})
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+
+
+def get_config():
+    c = _module.get_config()
+    c.sweep.concepts = c.sweep.concepts[:2]
+    c.sweep.settings = tuple(s for s in c.sweep.settings if s["name"] in ("ti", "core_stage2"))
+    for s in c.sweep.settings:
+        if s["name"] == "core_stage2":
+            s["overrides"]["stage2.steps"] = 2
+    c.sweep.pack = 2
+    c.stage1.steps = 4
+    c.stage1.rescale_start, c.stage1.rescale_end = 2, 3
+    c.log_every, c.checkpoint_every = 1, 2
+    c.benchmark.prompts = ("a {{}} on grass, sketch style", "a {{recolour}} {{}}")
+    c.benchmark.images_per_prompt = 2
+    c.benchmark.steps = 3
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def random_assets(tmp_path_factory) -> tuple[Path, Path]:
+    """A toy model folder and a classifier file of the shipped kinds, with random weights."""
+    folder = tmp_path_factory.mktemp("toy_assets")
+    text_encoder, unet, params = toy_model.init_models(seed=0)
+    model_dir = toy_model.save_toy_model(folder / "toy_model", text_encoder, unet, params, {})
+    module = attribute_classifier.AttributeClassifier()
+    res = attribute_classifier.RESOLUTION
+    classifier_params = module.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"]
+    classifier_path = attribute_classifier.save_params(
+        folder / "classifier.safetensors", classifier_params
+    )
+    return model_dir, classifier_path
+
+
+def _benchmark(workdir: Path, config: Path, assets: tuple[Path, Path], *extra: str):
+    model_dir, classifier_path = assets
+    command = [
+        sys.executable, "-m", "core_jax", "benchmark", "--config", str(config),
+        "--workdir", str(workdir), f"--config.model.path={model_dir}",
+        f"--config.benchmark.classifier={classifier_path}", *extra,
+    ]
+    # One CPU device: the miniature's batch of 4 need not split over the tests' 8.
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end_and_resumes(tmp_path, random_assets):
+    config = tmp_path / "miniature.py"
+    config.write_text(MINIATURE.format(config=str(ROOT / "configs/toy_benchmark.py")))
+    workdir = tmp_path / "work"
+    first = _benchmark(workdir, config, random_assets)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "scored 4/4" in first.stdout and "| core_stage2 |" in first.stdout
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["methods"]) == {"ti", "core_stage2"}
+    assert results["compilations"] == 2  # one stage-1 program per method group
+    for method in results["methods"].values():
+        for key in ("identity", "text"):
+            assert 0 <= method[key]["mean"] <= 1 and method[key]["n"] == 2
+        assert set(method["per_concept"]) == {"green_dotted_star", "blue_striped_heart"}
+    assert results["methods"]["ti"]["text_vs_reference"]["mean"] == 0
+    markdown = (workdir / "results.md").read_text()
+    assert "| ti |" in markdown and "`a {recolour} {}`" in markdown
+    for method in ("ti", "core_stage2"):
+        grid = workdir / f"grid_{method}.png"
+        # 2 concepts x (1 photo + 2 prompts) cells of 32 pixels, upscaled, 2-pixel gaps.
+        cell = 32 * benchmark.GRID_UPSCALE
+        assert Image.open(grid).size == (3 * cell + 4, 2 * cell + 2)
+    scores = json.loads(
+        (workdir / "runs/green_dotted_star__core_stage2" / benchmark.SCORES_FILE).read_text()
+    )
+    recolour = scores["prompts"]["a {recolour} {}"]
+    assert recolour["asks"] == {"colour": "pink"} and len(recolour["identity"]) == 2
+    assert (workdir / "runs/green_dotted_star__core_stage2/unet/config.json").is_file()
+
+    again = _benchmark(workdir, config, random_assets)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already") == 2 and "every run is scored already" in again.stdout
+    assert json.loads((workdir / "results.json").read_text())["methods"] == results["methods"]
+
+    changed = _benchmark(workdir, config, random_assets, "--config.stage1.steps=5")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines() == [
+        f"core-jax: {workdir} holds run green_dotted_star__ti trained with other settings "
+        "(stage1.steps); use another workdir or delete that run"
+    ]
