@@ -1,0 +1,137 @@
+"""The field's real personalization metrics, from local weight folders: CLIP-T, CLIP-I, DINO.
+
+- CLIP-T: cosine between a generated image's CLIP embedding and its prompt's (the prompt as a
+  user would write it, the learned word replaced by the super-category: "a dog in the snow").
+- CLIP-I: cosine between CLIP embeddings of generated images and the concept's photos, averaged
+  over all pairs.
+- DINO: the same with DINO (ViT) class-token embeddings; more sensitive to identity than CLIP-I.
+
+The models are transformers' PyTorch ones (`CLIPModel`, and `AutoModel` for DINO / DINOv2)
+read from folders the user has (`openai/clip-vit-large-patch14`, `facebook/dino-vits16`, ...):
+nothing is downloaded, and torch is needed only here. Images are uint8 [N, H, W, 3]; they are
+resized (bicubic, shorter side), centre-cropped and normalised as the model's
+preprocessor_config.json says, or with the model family's standard constants without one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from core_jax.errors import InputError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as err:
+        raise InputError(
+            "CLIP/DINO metrics use transformers' PyTorch models: install torch (CPU wheel) first"
+        ) from err
+    return torch
+
+
+def _model_folder(folder: str | Path, what: str) -> Path:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{what} model folder {folder} has no config.json")
+    return folder
+
+
+def _normalisation(folder: Path, mean: Sequence[float], std: Sequence[float]) -> tuple:
+    config_path = folder / "preprocessor_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        return tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))
+    return tuple(mean), tuple(std)
+
+
+def preprocess(
+    images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, size, size]: shorter side to `size` (bicubic),
+    centre crop, scaled to [0, 1] and normalised."""
+    out = []
+    for image in np.asarray(images, np.uint8):
+        pil = Image.fromarray(image)
+        scale = size / min(pil.size)
+        width, height = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
+        pil = pil.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        out.append(np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255.0)
+    batch = (np.stack(out) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return batch.transpose(0, 3, 1, 2)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class ClipScorer:
+    """CLIP image and text embeddings from a local `CLIPModel` folder (with its tokenizer)."""
+
+    def __init__(self, folder: str | Path):
+        torch = _torch()
+        from transformers import CLIPModel, CLIPTokenizer
+
+        folder = _model_folder(folder, "CLIP")
+        self.torch = torch
+        self.model = CLIPModel.from_pretrained(folder).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+        self.size = self.model.config.vision_config.image_size
+        self.mean, self.std = _normalisation(folder, CLIP_MEAN, CLIP_STD)
+
+    def image_embeddings(self, images: np.ndarray) -> np.ndarray:
+        pixels = self.torch.from_numpy(preprocess(images, self.size, self.mean, self.std))
+        with self.torch.no_grad():
+            return _unit(self.model.get_image_features(pixel_values=pixels).pooler_output.numpy())
+
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        with self.torch.no_grad():
+            return _unit(self.model.get_text_features(**tokens).pooler_output.numpy())
+
+
+class DinoScorer:
+    """Class-token embeddings of a local DINO / DINOv2 ViT folder (`AutoModel`)."""
+
+    def __init__(self, folder: str | Path):
+        torch = _torch()
+        from transformers import AutoModel
+
+        folder = _model_folder(folder, "DINO")
+        self.torch = torch
+        self.model = AutoModel.from_pretrained(folder).eval()
+        self.size = self.model.config.image_size
+        self.mean, self.std = _normalisation(folder, IMAGENET_MEAN, IMAGENET_STD)
+
+    def image_embeddings(self, images: np.ndarray) -> np.ndarray:
+        pixels = self.torch.from_numpy(preprocess(images, self.size, self.mean, self.std))
+        with self.torch.no_grad():
+            hidden = self.model(pixel_values=pixels).last_hidden_state  # [N, 1 + patches, D]
+        return _unit(hidden[:, 0].numpy())
+
+
+def clip_t(scorer: ClipScorer, images: np.ndarray, prompts: Sequence[str]) -> float:
+    """Mean cosine of each image [N] with its prompt [N]."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    return float(np.mean(np.sum(scorer.image_embeddings(images)
+                                * scorer.text_embeddings(prompts), axis=-1)))
+
+
+def image_similarity(
+    scorer: ClipScorer | DinoScorer, images: np.ndarray, references: np.ndarray
+) -> float:
+    """Mean cosine over all (generated, reference photo) pairs: CLIP-I or DINO."""
+    return float(np.mean(scorer.image_embeddings(images) @ scorer.image_embeddings(references).T))
