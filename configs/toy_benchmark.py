@@ -19,20 +19,22 @@ CoRe row).
 
 Command:
     core-jax benchmark --config configs/toy_benchmark.py --workdir runs/toy_benchmark
-    # before the toy model ships in core_jax/toyworld/assets:
+    # another toy model or classifier than the shipped ones:
     #   --config.model.path=FOLDER --config.benchmark.classifier=FILE
 
-Time here (2-core CPU, shared with other jobs at load average ~4, run under nice 19): 34 min,
-of it 28 min training (8 packs of 10 runs, about 3 min each; 3 stage-1 compilations) and 6 min
-sampling and scoring (about 5 s per run). Rerunning skips trained and scored runs. The workdir
-takes about 600 MB, most of it the packs' checkpoints.
+Time here (2-core CPU shared with other jobs, load average 4-6, run under nice 19): 34 min, of it
+29 min training (8 packs of 10 runs, about 3 min each, the stage-2 pack 6 min; 3 stage-1
+compilations) and 5 min sampling and scoring (about 4 s per run). Rerunning skips trained and
+scored runs. The workdir takes about 600 MB, most of it the packs' checkpoints.
 
-What it should reach (measured with a 3000-step toy model that draws colours and backgrounds but
-not yet shapes, so identity there is mostly colour; chance identity is about 0.16): TI identity
-0.36 [0.23, 0.48], text alignment 0.69 [0.64, 0.74]. CoRe: text +0.02 [-0.02, +0.06] over TI at
-equal identity (+0.00 [-0.02, +0.03]); CoRe + pairwise +0.10 [+0.04, +0.17] and + hinge
-+0.08 [+0.01, +0.15] text alignment, identity -0.03 and -0.04 (intervals include 0). Every
-method fails "on the beach" (the learned word keeps its white background) and "outline style".
+What it should reach with the shipped 6000-step toy model (chance identity is about 0.16; the
+model draws colours and patterns far better than shapes, so identity is mostly those): TI
+identity 0.39 [0.24, 0.55], text alignment 0.73 [0.66, 0.79]. Against TI, paired by concept:
+CoRe text -0.02 [-0.09, +0.05], identity -0.01 [-0.17, +0.14] (no difference resolved); CoRe
+without L_emb text -0.07 [-0.11, -0.03]; CoRe + pairwise text +0.14 [+0.08, +0.21] at identity
+-0.10 [-0.28, +0.08] (its grid shows colours lost); CoRe + hinge text +0.07 [-0.02, +0.16].
+Every method mostly fails "outline style", and all but pairwise "on the beach" (the learned word
+keeps its white background).
 """
 
 import ml_collections

@@ -314,6 +314,8 @@ def sweep(
             checkpoints.close()
             for c, run in owned:
                 logs[run.name].close()
+                if _done(run, workdir):  # finished before a kill that cut the pack's writing
+                    continue
                 unet_params = _local_slice(unet_states.params, c) if s2.steps else None
                 _finish_run(run, workdir, embeds[c], models.unet, unet_params)
             if progress:
