@@ -50,6 +50,7 @@ from core_jax.toyworld.world import (
     parse_caption,
 )
 from core_jax.train import setup as run_setup
+from core_jax.train.loop import flatten_config
 from core_jax.train.sweep import Run, expand_runs, sweep
 
 TOYWORLD_PREFIX = "toyworld:"
@@ -264,23 +265,13 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
     return Plan(concepts, identities, methods, list(b.prompts), runs, training)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"stage1": {"steps": 3}} -> {"stage1.steps": 3}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_same_training(run: Run, workdir: Path) -> None:
     """A finished run is skipped by the sweep: refuse one that was trained differently."""
     saved = run.folder(workdir) / "config.json"
     if not saved.is_file():
         return
-    old, new = _flatten(json.loads(saved.read_text())), _flatten(json.loads(run.config.to_json()))
+    old = flatten_config(json.loads(saved.read_text()))
+    new = flatten_config(json.loads(run.config.to_json()))
     differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differing:
         raise InputError(

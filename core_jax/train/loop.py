@@ -54,11 +54,12 @@ class RunOutputs:
     metrics: Path
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"stage1": {"steps": 3}} -> {"stage1.steps": 3}: configs compared key by key."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -88,10 +89,10 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: b
     if not saved.is_file():
         return
     try:
-        before = _flatten(json.loads(saved.read_text()))
+        before = flatten_config(json.loads(saved.read_text()))
     except ValueError as err:
         raise InputError(f"cannot read {saved} ({err}); --overwrite starts afresh") from err
-    now = _flatten(json.loads(config.to_json()))
+    now = flatten_config(json.loads(config.to_json()))
     changed = sorted(
         k for k in before.keys() | now.keys()
         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
