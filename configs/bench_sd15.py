@@ -8,6 +8,10 @@ match benchmarks/torch_reference.py.
 Commands:
     core-jax bench --config configs/bench_sd15.py
     core-jax bench --config configs/bench_sd15.py --vs-torch --config.steps=3
+    # on a GPU, DESIGN.md's check: stage-1 CoRe at batch 6 in bf16 and fp32 (MFU = GFLOP/s
+    # printed / the card's peak)
+    core-jax bench --config configs/bench_sd15.py --variants ti,core --config.batch=6 \
+        --config.dtype=bfloat16
 
 Time here (2-core CPU): long. Each variant compiles for minutes and a CoRe step takes tens of
 seconds; the default (ti, core, unet; 3 timed steps each) is about half an hour. On a GPU,
@@ -22,6 +26,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "sd15"
+    # JAX's compute dtype (parameters stay float32); "bfloat16" on accelerators. PyTorch's side
+    # (--vs-torch) stays float32.
+    c.dtype = "float32"
     c.batch = 1
     c.steps = 3
     c.warmup = 0

@@ -19,6 +19,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "tiny"
+    # JAX's compute dtype (parameters stay float32); "bfloat16" on accelerators. PyTorch's side
+    # (--vs-torch) stays float32.
+    c.dtype = "float32"
     c.batch = 2  # rows per step (one concept)
     c.steps = 10  # timed steps per variant, after the first call and `warmup` more
     c.warmup = 1

@@ -94,6 +94,7 @@ class Result:
     flops: float | None = None
     flops_per_s: float | None = None
     ratio_to_ti: float | None = None  # median_s / the same framework's TI median_s
+    dtype: str = "float32"  # compute dtype
     note: str = ""
 
     def to_json(self) -> str:
@@ -197,10 +198,13 @@ def time_program(
 # --- the programs -----------------------------------------------------------------------------
 
 
-def build_setup(preset: str, batch: int, concepts: int = 1) -> Stage1Setup:
-    """Random-weight models and concept data shared by every variant of one run."""
+def build_setup(
+    preset: str, batch: int, concepts: int = 1, dtype: str = "float32"
+) -> Stage1Setup:
+    """Random-weight models and concept data shared by every variant of one run; `dtype` is
+    the compute dtype (parameters stay float32, as in training)."""
     return random_stage1_setup(
-        preset, num_concepts=concepts, batch_size=batch,
+        preset, num_concepts=concepts, batch_size=batch, dtype=dtype,
         weights=TORCH_MATCHED_WEIGHTS, emb_variant="code", attn_variant="code",
     )
 
@@ -321,7 +325,7 @@ def measure_jax(
     return Result(
         variant=variant, framework="jax", preset=preset, batch=batch,
         concepts=int(setup.state.embeds.shape[0]), examples_per_s=batch / timing["median_s"],
-        note=note, **timing,
+        dtype=jnp.dtype(setup.unet.dtype).name, note=note, **timing,
     )
 
 

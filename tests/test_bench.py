@@ -183,3 +183,15 @@ def test_packed_concepts_cost_what_their_rows_cost():
     single = bench.with_concepts(bench.build_setup("tiny", 2), 1, 2)
     assert packed.config.batch_size == 1 and single.config.batch_size == 2
     assert step_flops(packed) == pytest.approx(step_flops(single), rel=0.05)
+
+
+def test_bench_runs_in_bfloat16_and_says_so():
+    """The compute dtype for accelerator runs (bench_sd15 in bf16): the step runs, its result
+    records the dtype, and the U-Net really computes in it."""
+    from core_jax import bench
+
+    setup = bench.build_setup("tiny", 1, dtype="bfloat16")
+    assert setup.unet.dtype == jnp.bfloat16
+    result = bench.measure_jax(setup, "tiny", "ti", steps=1, warmup=0)
+    assert result.dtype == "bfloat16" and np.isfinite(result.median_s) and result.flops > 0
+    assert json.loads(result.to_json())["dtype"] == "bfloat16"

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     variants = _split(config.variants if _VARIANTS.value is None else _VARIANTS.value)
     scaling = _split(config.scaling.concepts) if _SCALING.value else []
     concepts = max([int(c) for c in scaling] or [1])
-    setup = bench.build_setup(config.preset, config.batch, concepts)
+    setup = bench.build_setup(config.preset, config.batch, concepts, config.dtype)
     results = bench.run_suite(
         config.preset, variants, batch=config.batch, steps=config.steps, warmup=config.warmup,
         vs_torch=_VS_TORCH.value, torch_threads=config.torch_threads or None,
@@ -92,7 +92,8 @@ def main(argv: list[str]) -> None:
         sample_chains=config.sample.chains,
         setup=setup, emit=emit,
     )
-    report(f"{config.preset}, batch {config.batch}, {config.steps} steps", results)
+    report(f"{config.preset}, batch {config.batch}, {config.steps} steps, JAX in {config.dtype}",
+           results)
     if scaling:
         scaled = bench.run_scaling(
             config.preset, [int(c) for c in scaling], variant=config.scaling.variant,

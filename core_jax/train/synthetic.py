@@ -67,6 +67,7 @@ def random_stage1_setup(
     seed: int = 0,
     unet_overrides: dict[str, Any] | None = None,
     weights: dict[str, float] | None = None,
+    dtype: str = "float32",
     **config: Any,
 ) -> Stage1Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
@@ -75,7 +76,7 @@ def random_stage1_setup(
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
     )
-    models = random_models(shapes, seed)
+    models = random_models(shapes, seed, jnp.dtype(dtype))
     size = shapes.unet.sample_size
 
     tokenizer = load_tokenizer()
