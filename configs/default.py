@@ -11,7 +11,7 @@ sketch and outline styles). Nothing is downloaded.
 Command:
     core-jax train --config configs/default.py --workdir runs/default
 
-Time here (2-core CPU): under 2 minutes (1 min 41 s measured, a third of it compiling).
+Time here (2-core CPU): under 2 minutes (1 min 41 s measured, wall clock).
 What it should reach: every loss term finite and logged; learned_embeds.safetensors, an A1111
 embedding, the stage-2 U-Net folder, sample grids, loss curves and checkpoints in the workdir; in
 samples/, green dotted stars on grass, in the snow, at night, sketched and outlined.

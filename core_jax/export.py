@@ -37,8 +37,9 @@ def _temp_sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
 
 
-def _atomic_write_bytes(path: Path, make_bytes: Callable[[], bytes]) -> None:
-    """Write `make_bytes()` to `path` via a temporary file and a rename; no residue on failure."""
+def atomic_write_bytes(path: Path, make_bytes: Callable[[], bytes]) -> None:
+    """Write `make_bytes()` to `path` via a temporary file and a rename: readers see the old
+    file or the whole new one, never a part; no residue on failure."""
     tmp = _temp_sibling(path, "tmp")
     try:
         with open(tmp, "xb") as f:  # plain open (not mkstemp) so the file gets the umask's mode
@@ -81,7 +82,7 @@ def save_learned_embeds(path: str | os.PathLike, placeholder: str, vectors: np.n
         raise ValueError(f"placeholder {placeholder!r} must be non-empty and without whitespace")
     vectors = _check_vectors(vectors)
     out = _output_file(path, LEARNED_EMBEDS_NAME)
-    _atomic_write_bytes(out, lambda: safetensors.numpy.save({placeholder: vectors}))
+    atomic_write_bytes(out, lambda: safetensors.numpy.save({placeholder: vectors}))
     return out
 
 
@@ -135,7 +136,7 @@ def save_a1111_embedding(
     metadata = {"name": name}
     if step is not None:
         metadata["step"] = str(int(step))
-    _atomic_write_bytes(out, lambda: safetensors.numpy.save({A1111_KEY: vectors}, metadata))
+    atomic_write_bytes(out, lambda: safetensors.numpy.save({A1111_KEY: vectors}, metadata))
     return out
 
 

@@ -65,16 +65,28 @@ def test_clip_t_is_the_reference_models_own_image_text_cosine(clip_folder):
         metrics.clip_t(scorer, images, prompts[:2])
 
 
-@pytest.mark.parametrize("which", ["clip", "dino"])
-def test_image_similarity_is_one_for_the_same_photo_and_symmetric(which, clip_folder,
-                                                                  dino_folder):
-    scorer = (metrics.ClipScorer(clip_folder) if which == "clip"
-              else metrics.DinoScorer(dino_folder))
+def test_dino_is_the_mean_cosine_of_the_reference_models_class_tokens(dino_folder):
+    scorer = metrics.DinoScorer(dino_folder)
     a, b = _images(2, seed=1), _images(3, seed=2)
+    ours = metrics.image_similarity(scorer, a, b)
+
+    model = Dinov2Model.from_pretrained(dino_folder).eval()
+
+    def class_tokens(images):
+        pixels = metrics.preprocess(images, 32, metrics.IMAGENET_MEAN, metrics.IMAGENET_STD)
+        with torch.no_grad():
+            cls = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(cls, dim=-1)
+
+    reference = float((class_tokens(a) @ class_tokens(b).T).mean())
+    assert ours == pytest.approx(reference, abs=1e-5)
     assert metrics.image_similarity(scorer, a[:1], a[:1]) == pytest.approx(1.0, abs=1e-5)
-    assert metrics.image_similarity(scorer, a, b) == pytest.approx(
-        metrics.image_similarity(scorer, b, a), abs=1e-6)
-    assert -1.0 <= metrics.image_similarity(scorer, a, b) <= 1.0
+
+
+def test_clip_i_is_one_for_the_same_photo(clip_folder):
+    scorer = metrics.ClipScorer(clip_folder)
+    photo = _images(1, seed=3)
+    assert metrics.image_similarity(scorer, photo, photo) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_folder_without_a_model_is_one_clear_error(tmp_path):

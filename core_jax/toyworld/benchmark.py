@@ -337,10 +337,8 @@ class _Evaluator:
         return images.reshape(len(checks), k, *images.shape[1:]), scores
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write_text(path: Path, text: str) -> None:
+    export.atomic_write_bytes(path, text.encode)
 
 
 def _evaluate_runs(
@@ -368,7 +366,7 @@ def _evaluate_runs(
         samples, scores = evaluate(folder, p.identities[c])
         np.savez_compressed(folder / SAMPLES_FILE, samples=samples)
         record = {"run": run.name, "evaluation": key, "trained": trained, "prompts": scores}
-        _write_atomic(folder / SCORES_FILE, json.dumps(record, indent=2))  # last: the done mark
+        _write_text(folder / SCORES_FILE, json.dumps(record, indent=2))  # last: the done mark
         identity = np.mean([s["identity"] for s in scores.values()])
         text = np.mean([s["text"] for s in scores.values()])
         log(f"scored {n}/{len(todo)} {run.name}: identity {identity:.3f}, text alignment "
@@ -415,7 +413,7 @@ def run_benchmark(
         f"{len(p.methods) * len(p.concepts)} runs, {len(p.prompts)} prompts x "
         f"{config.benchmark.images_per_prompt} images each")
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(workdir / "benchmark_config.json", config.to_json(indent=2))
+    _write_text(workdir / "benchmark_config.json", config.to_json(indent=2))
     summary = sweep(p.training, workdir, progress=log)
     trained = time.perf_counter()
     _evaluate_runs(config, p, workdir, log)
@@ -444,7 +442,7 @@ def run_benchmark(
             "total": round(time.perf_counter() - started, 1),
         },
     }
-    _write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    _write_text(workdir / "results.json", json.dumps(results, indent=2))
     table = format_markdown(methods, p.prompts, b.reference)
     header = (
         f"# Toy-world method table\n\n{len(p.concepts)} held-out concepts x "
@@ -453,5 +451,5 @@ def run_benchmark(
         f"(training {results['seconds']['train']:.0f} s, scoring "
         f"{results['seconds']['score']:.0f} s; finished runs are not redone).\n\n"
     )
-    _write_atomic(workdir / "results.md", header + table)
+    _write_text(workdir / "results.md", header + table)
     return results

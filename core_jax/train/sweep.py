@@ -406,9 +406,8 @@ def _finish_run(
     # The last step is always logged: its record holds the final loss terms.
     last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     result = {"run": run.name, **{k: v for k, v in last.items() if k != "stage"}}
-    tmp = folder / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(folder / "result.json")  # written last: the run counts as done once it exists
+    # Written last: the run counts as done once it exists.
+    export.atomic_write_bytes(folder / "result.json", lambda: json.dumps(result, indent=2).encode())
 
 
 def _read_result(run: Run, workdir: Path) -> dict[str, Any]:
@@ -416,9 +415,9 @@ def _read_result(run: Run, workdir: Path) -> dict[str, Any]:
 
 
 def _write_summary(workdir: Path, summary: dict[str, Any]) -> None:
-    tmp = workdir / ".sweep_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "sweep_summary.json")
+    export.atomic_write_bytes(
+        workdir / "sweep_summary.json", lambda: json.dumps(summary, indent=2).encode()
+    )
     columns = sorted({k for r in summary["results"] for k in r} - {"run"})
     with (workdir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["run", *columns])
