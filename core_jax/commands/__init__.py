@@ -43,3 +43,15 @@ def run_reporting_input_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any
         except KeyboardInterrupt:
             print("core-jax: interrupted", file=sys.stderr)
             sys.exit(130)
+
+
+def under_workdir_lock(
+    workdir: str | Path, command: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """`fn(*args, **kwargs)` holding the workdir's lock (`core_jax.workdir_lock`); taken before
+    anything is loaded or written, so a second writer refuses at once and touches nothing.
+    Multi-host: process 0 holds it."""
+    from core_jax.workdir_lock import process_zero_lock
+
+    with process_zero_lock(workdir, command):
+        return fn(*args, **kwargs)

@@ -30,9 +30,11 @@ def _run(*args: Any) -> Any:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    from core_jax.commands import run_reporting_input_errors
+    from core_jax.commands import run_reporting_input_errors, under_workdir_lock
 
-    run_reporting_input_errors(_run, _CONFIG.value, _WORKDIR.value)
+    run_reporting_input_errors(
+        under_workdir_lock, _WORKDIR.value, "benchmark", _run, _CONFIG.value, _WORKDIR.value
+    )
     workdir = Path(_WORKDIR.value)
     print("\n" + (workdir / "results.md").read_text())
     print(f"results: {workdir}/results.md, {workdir}/results.json, {workdir}/grid_<method>.png")

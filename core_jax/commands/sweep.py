@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -45,14 +46,21 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _sweep(*args: Any) -> Any:
+    from core_jax.train.sweep import sweep  # after the lock: the import takes seconds
+
+    return sweep(*args)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    from core_jax.commands import run_reporting_input_errors
-    from core_jax.train.sweep import sweep
+    from core_jax.commands import run_reporting_input_errors, under_workdir_lock
 
     _initialize_distributed()
-    summary = run_reporting_input_errors(sweep, _CONFIG.value, _WORKDIR.value)
+    summary = run_reporting_input_errors(
+        under_workdir_lock, _WORKDIR.value, "sweep", _sweep, _CONFIG.value, _WORKDIR.value
+    )
     brief = {k: summary[k] for k in ("runs", "compilations", "pack", "mesh", "wall_s")}
     print(json.dumps(brief))
     print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/sweep_summary.json")

@@ -27,9 +27,9 @@ def _train(*args: Any, **kwargs: Any) -> Any:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    from core_jax.commands import run_reporting_input_errors
+    from core_jax.commands import run_reporting_input_errors, under_workdir_lock
 
     run_reporting_input_errors(
-        _train, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-        stop_at_step=_STOP_AT.value,
+        under_workdir_lock, _WORKDIR.value, "train", _train, _CONFIG.value, _WORKDIR.value,
+        overwrite=_OVERWRITE.value, stop_at_step=_STOP_AT.value,
     )

@@ -18,7 +18,7 @@ from core_jax.errors import InputError
 from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
-from core_jax.train.checkpoints import checkpoint_items
+from core_jax.train.checkpoints import checkpoint_items, newest_intact
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -29,20 +29,26 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
 
 
 def latest_checkpoint(workdir: Path) -> tuple[int, dict[str, Any]]:
-    """The newest complete checkpoint's arrays, as plain nested dicts (no target needed)."""
+    """The newest intact checkpoint's arrays, as plain nested dicts (no target needed). Its
+    files are verified against their checksums first; a damaged newer step is skipped with a
+    warning line and left where it is (sample and export only read the workdir)."""
     directory = (workdir / "checkpoints").absolute()
     if not directory.is_dir():
         raise InputError(f"{workdir} has no checkpoints yet")
     options = ocp.CheckpointManagerOptions(read_only=True)
     with ocp.CheckpointManager(directory, options=options) as m:
-        step = m.latest_step()
-        if step is None:
+
+        def read(step: int) -> dict[str, Any]:
+            names = checkpoint_items(directory, step)
+            restored = m.restore(
+                step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
+            )
+            return {name: restored[name] for name in names}
+
+        found = newest_intact(directory, list(m.all_steps()), read, set_aside=False, verb="using")
+        if found is None:
             raise InputError(f"{workdir} has no complete checkpoint yet")
-        names = checkpoint_items(directory, step)
-        restored = m.restore(
-            step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
-        )
-        return step, {name: restored[name] for name in names}
+        return found
 
 
 def expand_placeholder(prompt: str, placeholder: str) -> str:
