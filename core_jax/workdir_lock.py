@@ -171,7 +171,7 @@ class WorkdirLock:
             if holder is None:
                 # Only the O_EXCL fallback shows a half-written file, for a moment.
                 unreadable_since = unreadable_since or time.monotonic()
-                if time.monotonic() - unreadable_since < 2.0:
+                if time.monotonic() - unreadable_since < 1.0:
                     time.sleep(0.05)
                     continue
                 raise WorkdirLocked(

@@ -35,20 +35,23 @@ def latest_checkpoint(workdir: Path) -> tuple[int, dict[str, Any]]:
     directory = (workdir / "checkpoints").absolute()
     if not directory.is_dir():
         raise InputError(f"{workdir} has no checkpoints yet")
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(directory, options=options) as m:
+    # Finalized steps are the folders named by their number alone (see checkpoints.py). A
+    # plain Checkpointer reads them without a manager's warnings about read-only folders.
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
 
         def read(step: int) -> dict[str, Any]:
             names = checkpoint_items(directory, step)
-            restored = m.restore(
-                step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
+            restored = checkpointer.restore(
+                directory / str(step),
+                args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names}),
             )
             return {name: restored[name] for name in names}
 
-        found = newest_intact(directory, list(m.all_steps()), read, set_aside=False, verb="using")
-        if found is None:
-            raise InputError(f"{workdir} has no complete checkpoint yet")
-        return found
+        found = newest_intact(directory, steps, read, set_aside=False, verb="using")
+    if found is None:
+        raise InputError(f"{workdir} has no complete checkpoint yet")
+    return found
 
 
 def expand_placeholder(prompt: str, placeholder: str) -> str:
