@@ -40,3 +40,45 @@ class PixelSpace(nn.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.decode(self.encode(images)[0])
+
+
+# --- Coordinate channels -----------------------------------------------------------------------
+#
+# A U-Net is translation equivariant: "on the left" can only be drawn from what zero padding
+# leaks about the border. A pixel-space U-Net may instead take two extra input channels holding
+# each pixel's x and y in [-1, 1] (CoordConv): its config then says in_channels = out_channels + 2
+# (the toy model v2: 5 in, 3 out). Its parameters are a plain diffusers UNet2DConditionModel's
+# (diffusers loads such a U-Net as it loads SD's inpainting U-Net, 9 in and 4 out); only the
+# caller must append the channels before each U-Net call and draw its noise with out_channels.
+
+COORDINATE_CHANNELS = 2
+
+
+def coordinate_channels(batch: int, height: int, width: int) -> jax.Array:
+    """[batch, height, width, 2]: x (left -1 to right +1) and y (top -1 to bottom +1) of each
+    pixel centre, the toy world's image frame."""
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2.0 - 1.0
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2.0 - 1.0
+    grid = jnp.stack(jnp.broadcast_arrays(xs[None, :], ys[:, None]), axis=-1)
+    return jnp.broadcast_to(grid[None], (batch, height, width, 2))
+
+
+def with_coordinates(sample: jax.Array, in_channels: int) -> jax.Array:
+    """The U-Net's input for `sample` [B, H, W, C]: `sample` itself when the U-Net takes C
+    channels, `sample` with the coordinate channels appended when it takes C + 2."""
+    channels = sample.shape[-1]
+    if in_channels == channels:
+        return sample
+    if in_channels != channels + COORDINATE_CHANNELS:
+        raise ValueError(
+            f"a U-Net with {in_channels} input channels cannot take {channels}-channel samples "
+            f"(with or without {COORDINATE_CHANNELS} coordinate channels)"
+        )
+    b, h, w, _ = sample.shape
+    coords = coordinate_channels(b, h, w).astype(sample.dtype)
+    return jnp.concatenate([sample, coords], axis=-1)
+
+
+def is_pixel_space_unet(in_channels: int, out_channels: int) -> bool:
+    """An RGB-denoising U-Net, with or without coordinate channels (for folders without vae/)."""
+    return out_channels == 3 and in_channels in (3, 3 + COORDINATE_CHANNELS)
