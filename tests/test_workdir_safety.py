@@ -600,7 +600,51 @@ def test_damaged_checkpoints_resume_to_the_uninterrupted_result(reference_run, t
         flip(ckpt / str(step) / "embedding" / "_METADATA")
     result = train(workdir)
     assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
     last = result.stderr.splitlines()[-1]
     assert re.fullmatch(rf"core-jax: no intact checkpoint in {re.escape(str(ckpt))}, every step "
-                        r"is damaged \(step 10: .*\); delete that folder to start the run afresh",
+                        r"is damaged \(step 10: .*; step 9: .*; step 8: .*; and 7 older steps\); "
+                        r"delete that folder to start the run afresh",
                         last), last
+
+
+# --------------------------------------------------------------------------------------------
+# Noise
+
+HIDE_TORCH = '''
+import importlib.util, sys
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(name)
+_find_spec = importlib.util.find_spec
+def find_spec(name, package=None):
+    return None if name == "torch" or name.startswith("torch.") else _find_spec(name, package)
+sys.meta_path.insert(0, _Hide())
+importlib.util.find_spec = find_spec
+'''
+
+
+def test_no_pytorch_line_without_torch(tmp_path):
+    """On a JAX-only install transformers logs 'PyTorch was not found...' when imported;
+    core_jax filters that line (and only that line)."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_TORCH)  # this interpreter, without torch
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+
+    def stderr_of(code: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    assert "PyTorch was not found" in stderr_of("import transformers")  # torch is hidden
+    assert stderr_of("import core_jax.text; from transformers import CLIPTokenizer") == ""
+
+
+def test_license_is_an_spdx_string():
+    """setuptools >= 77 reads `license` as an SPDX expression; the older table form prints a
+    deprecation banner on every install."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]

@@ -228,7 +228,9 @@ def newest_intact(
         damaged.append((step, reason))
     if not damaged:
         return None
-    which = "; ".join(f"step {s}: {why}" for s, why in damaged)
+    which = "; ".join(f"step {s}: {why}" for s, why in damaged[:3])
+    if len(damaged) > 3:
+        which += f"; and {len(damaged) - 3} older steps"
     raise InputError(
         f"no intact checkpoint in {directory}, every step is damaged ({which}); delete that "
         "folder to start the run afresh"
@@ -274,10 +276,14 @@ class RunCheckpoints:
                 seal_manifest(step_dir)
 
     def _newest(self, attempt: Callable[[int], T]) -> tuple[int, T] | None:
-        found = newest_intact(
-            self.directory, list(self.manager.all_steps()), attempt,
-            set_aside=True, verb="resuming from",
-        )
+        try:
+            found = newest_intact(
+                self.directory, list(self.manager.all_steps()), attempt,
+                set_aside=True, verb="resuming from",
+            )
+        except InputError:
+            self.close()  # the run ends here: Orbax's threads must not outlive the interpreter
+            raise
         if found is not None:
             self._intact[found[0]] = True
             if found[0] != self.manager.latest_step():
@@ -330,6 +336,7 @@ class RunCheckpoints:
         if not self._intact.get(step):
             verified, reason = verify_step(self.directory / str(step))
             if reason is not None:
+                self.close()
                 raise InputError(
                     f"checkpoint step {step} in {self.directory} is damaged ({reason})"
                 )
@@ -337,6 +344,7 @@ class RunCheckpoints:
                 try:
                     return self._restore(step, like)
                 except Exception as err:
+                    self.close()
                     raise InputError(
                         f"checkpoint step {step} in {self.directory} cannot be read "
                         f"({_short(err)})"
