@@ -60,12 +60,16 @@ def preprocess(
     images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] -> float32 [N, 3, size, size]: shorter side to `size` (bicubic),
-    centre crop, scaled to [0, 1] and normalised."""
+    centre crop, scaled to [0, 1] and normalised; the same numbers as transformers'
+    `CLIPImageProcessor` (its longer side is truncated, `int(size * long / short)`, and the
+    crop starts at `(side - size) // 2`)."""
     out = []
     for image in np.asarray(images, np.uint8):
         pil = Image.fromarray(image)
-        scale = size / min(pil.size)
-        width, height = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
+        if pil.width <= pil.height:
+            width, height = size, int(size * pil.height / pil.width)
+        else:
+            width, height = int(size * pil.width / pil.height), size
         pil = pil.resize((width, height), Image.BICUBIC)
         left, top = (width - size) // 2, (height - size) // 2
         out.append(np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255.0)
@@ -75,6 +79,22 @@ def preprocess(
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# Images per forward pass: a few hundred generated images at once would hold all their
+# activations (ViT-L/14: ~60 MB per image) in memory together.
+BATCH_SIZE = 32
+
+
+def _projected(features: Any) -> Any:
+    """`get_image_features` / `get_text_features` give the projected tensor in transformers 4.x
+    and an output object whose `pooler_output` holds it in 5.x."""
+    return getattr(features, "pooler_output", features)
+
+
+def _batched(fn: Any, items: Sequence[Any]) -> np.ndarray:
+    """fn over `items` in slices of BATCH_SIZE; numpy results joined along the first axis."""
+    return np.concatenate([fn(items[i : i + BATCH_SIZE]) for i in range(0, len(items), BATCH_SIZE)])
 
 
 class ClipScorer:
@@ -92,14 +112,20 @@ class ClipScorer:
         self.mean, self.std = _normalisation(folder, CLIP_MEAN, CLIP_STD)
 
     def image_embeddings(self, images: np.ndarray) -> np.ndarray:
-        pixels = self.torch.from_numpy(preprocess(images, self.size, self.mean, self.std))
-        with self.torch.no_grad():
-            return _unit(self.model.get_image_features(pixel_values=pixels).pooler_output.numpy())
+        def embed(chunk: np.ndarray) -> np.ndarray:
+            pixels = self.torch.from_numpy(preprocess(chunk, self.size, self.mean, self.std))
+            with self.torch.no_grad():
+                return _projected(self.model.get_image_features(pixel_values=pixels)).numpy()
+
+        return _unit(_batched(embed, np.asarray(images)))
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        with self.torch.no_grad():
-            return _unit(self.model.get_text_features(**tokens).pooler_output.numpy())
+        def embed(chunk: Sequence[str]) -> np.ndarray:
+            tokens = self.tokenizer(list(chunk), padding=True, truncation=True, return_tensors="pt")
+            with self.torch.no_grad():
+                return _projected(self.model.get_text_features(**tokens)).numpy()
+
+        return _unit(_batched(embed, list(texts)))
 
 
 class DinoScorer:
@@ -116,10 +142,13 @@ class DinoScorer:
         self.mean, self.std = _normalisation(folder, IMAGENET_MEAN, IMAGENET_STD)
 
     def image_embeddings(self, images: np.ndarray) -> np.ndarray:
-        pixels = self.torch.from_numpy(preprocess(images, self.size, self.mean, self.std))
-        with self.torch.no_grad():
-            hidden = self.model(pixel_values=pixels).last_hidden_state  # [N, 1 + patches, D]
-        return _unit(hidden[:, 0].numpy())
+        def embed(chunk: np.ndarray) -> np.ndarray:
+            pixels = self.torch.from_numpy(preprocess(chunk, self.size, self.mean, self.std))
+            with self.torch.no_grad():
+                hidden = self.model(pixel_values=pixels).last_hidden_state  # [N, 1 + patches, D]
+            return hidden[:, 0].numpy()
+
+        return _unit(_batched(embed, np.asarray(images)))
 
 
 def clip_t(scorer: ClipScorer, images: np.ndarray, prompts: Sequence[str]) -> float:
