@@ -12,4 +12,6 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS / "classifier.safetensors"
 MODEL_DIR = ASSETS / "toy_model"  # pass as --config.model.path
+# The toy model v2 (model_v2.py), once exported there by launch/pretrain_toy.py --v2 --export.
+MODEL_V2_DIR = ASSETS / "toy_model_v2"
 TEMPLATES = Path(__file__).resolve().parent / "templates.txt"  # --config.concept.templates

@@ -521,6 +521,7 @@ def _pretrain_locked(
     step0 = int(state.step)
     if step0 == 0:
         evaluate()
+        last_ckpt = time.time()
     batch = batch_for(step0)
     try:
         while int(state.step) < config.steps:
