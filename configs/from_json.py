@@ -5,14 +5,18 @@ Command:
         --workdir runs/<run>-alone
 
 Time: whatever the saved run took. What it should reach: the same result as the run it came
-from (a sweep run trained alone gives the sweep's learned vectors).
+from (a sweep run trained alone gives the sweep's learned vectors). A config.json written by an
+earlier core-jax is migrated to today's keys with the same meaning (`core_jax.config.migrate`);
+one from a newer core-jax is refused.
 """
 
 import json
 
 import ml_collections
 
+from core_jax.config import migrate
+
 
 def get_config(path: str):
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(migrate(json.load(f)))

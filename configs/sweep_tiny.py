@@ -4,16 +4,16 @@ What it runs: CoRe stage 1 then 3 steps of stage 2 on scikit-image's photos (a c
 person, the cat again as an "animal"), micro models (random weights), every (concept, setting)
 pair as its own run with its own U-Net copy in stage 2. The two
 lambda_attn values ride along as per-concept numbers, so each loss variant is one group: one
-compiled step per group, 16 runs in 4 packs of 4 concepts.
+compiled program per group and stage, 16 runs in 4 packs of 4 concepts.
 
 Command:
     core-jax sweep --config configs/sweep_tiny.py --workdir runs/sweep_tiny
-    # on 8 virtual CPU devices, concepts split 4 ways:
+    # on 8 virtual CPU devices (the sweep splits concepts 4 ways and rows 2 ways by itself):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 core-jax sweep \\
-        --config configs/sweep_tiny.py --workdir runs/sweep_tiny --config.sweep.concept_shards=4
+        --config configs/sweep_tiny.py --workdir runs/sweep_tiny
 
 Time here: 3-5 minutes on a 2-core CPU, mostly compiling (2 stage-1 programs, 1 stage-2).
-What it should reach: sweep_summary.json with 16 runs, 2 groups, "compilations": 2; each
+What it should reach: sweep_summary.json with 16 runs, 2 groups, "compilations": 4; each
 runs/<name>/ holds learned_embeds.safetensors and unet/ equal to that run trained alone with
 `core-jax train` (its runs/<name>/config.json).
 """
@@ -35,6 +35,7 @@ def get_config():
     c.stage2.steps = 3  # each run's own U-Net copy, on the devices of its concept shard
     c.stage2.batch_size = 2
     c.stage2.learning_rate = 1e-4
+    c.sample.at_end = False  # no grids per run
     c.log_every = 1
     c.checkpoint_every = 2
     c.sweep = ml_collections.ConfigDict()
@@ -52,5 +53,5 @@ def get_config():
         ("stage1.attn_variant", ("paper", "code")),
     )
     c.sweep.pack = 4  # runs per step (the concept axis)
-    c.sweep.concept_shards = 1  # devices the concept axis is split over; the rest take rows
+    c.sweep.concept_shards = 0  # devices the concept axis splits over (0: fitted to the machine)
     return c

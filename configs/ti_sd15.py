@@ -12,15 +12,16 @@ Time: a third of a CoRe stage-1 step (one U-Net pass with backward per step).
 What it should reach: good identity, weaker prompt following than CoRe (the paper's Table 1).
 """
 
-from core_jax.config import base_config
+from core_jax.config import base_config, stage_config
 
 
 def get_config():
     c = base_config()
     c.model.preset = "sd15"
     c.data.resolution = 512
-    c.stage1.lambda_emb = 0.0
-    c.stage1.lambda_attn = 0.0
-    c.stage1.rescale_end = 0
+    c.stage1 = stage_config(
+        ("textual_inversion",), steps=c.stage1.steps, batch_size=c.stage1.batch_size,
+        learning_rate=c.stage1.learning_rate, weight_decay=c.stage1.weight_decay,
+    )
     c.stage2.steps = 0
     return c

@@ -1,4 +1,4 @@
-"""`core-jax <command> [flags]`: train, sample, export, sweep, bench, benchmark.
+"""`core-jax <command> [flags]`: train, sample, export, sweep, bench, benchmark, methods.
 
 Each command lives in `core_jax.commands.<name>` with its own absl flags and a `main(argv)`;
 only the chosen one is imported, so commands never see each other's flags.
@@ -19,6 +19,7 @@ COMMANDS = {
     "sweep": "train many concepts x settings in one compiled program per group",
     "bench": "time the step per regularizer variant (and against PyTorch)",
     "benchmark": "the toy-world method table: train, sample and score CoRe, TI and ablations",
+    "methods": "list the registered methods: what each trains, its terms, keys and defaults",
 }
 
 

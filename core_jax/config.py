@@ -1,14 +1,50 @@
 """The config every `configs/*.py` starts from: CoRe's hyper-parameters as the paper states them.
 
-Configs import `base_config()` and change what differs.
-DESIGN.md ("CoRe, exactly") is the source of every number here.
+Configs import `base_config()` and change what differs. A stage lists its methods
+(`core_jax.methods`, `core-jax methods`) and holds the keys they read; `stage_config` builds one
+from the methods' defaults. DESIGN.md ("CoRe, exactly") is the source of every number here.
+
+`CONFIG_VERSION` is written into every saved config.json; `migrate` brings a config saved by an
+earlier version to today's keys with the same meaning.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import ml_collections
+
+from core_jax.methods import get_method
+
+CONFIG_VERSION = 2
+
+# Keys every stage has, whatever its methods.
+STAGE_KEYS = {
+    "methods": (), "steps": 0, "batch_size": 1, "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999,
+    "weight_decay": 1e-2, "clip_norm": 0.0,  # clip_norm 0 = no clipping
+}
+# What base_config's stage 1 lists: the weights decide which terms are present (a zero weight
+# drops a term from the program), so TI is this with both CoRe weights and the norm hold off.
+STAGE1_METHODS = ("textual_inversion", "core", "pairwise", "hinge")
+
+
+def stage_config(methods: Sequence[str], **values: Any) -> ml_collections.ConfigDict:
+    """A stage's config: its optimizer keys and every key its methods read, at their defaults,
+    then `values`."""
+    config = dict(STAGE_KEYS, methods=tuple(methods))
+    for name in methods:
+        config.update(get_method(name).defaults)
+    unknown = set(values) - set(config)
+    if unknown:
+        raise KeyError(f"stage keys {sorted(unknown)} belong to none of {list(methods)}")
+    config.update(values)
+    return ml_collections.ConfigDict(config)
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.version = CONFIG_VERSION
     c.seed = 0
 
     # Where the models come from: a local diffusers folder, or random weights of a named shape.
@@ -36,36 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_angle = 45.0
     c.data.flip_p = 0.25
 
-    # Stage 1: the embedding, with the context regularizers.
-    c.stage1 = ml_collections.ConfigDict()
-    c.stage1.steps = 300
-    c.stage1.batch_size = 6
-    c.stage1.learning_rate = 5e-3
-    c.stage1.b1 = 0.9
-    c.stage1.b2 = 0.999
-    c.stage1.weight_decay = 1e-2
-    c.stage1.clip_norm = 0.0  # 0 = no clipping (the paper's setting)
-    # lambda_emb / lambda_attn were tuned by the authors with the official code's variants
-    # ("code"). With the paper's attention variant (batch mean), the same lambda_attn is
+    # Stage 1: the embedding, with the context regularizers (the methods' defaults are the
+    # paper's: lambda_emb 1.5e-4, lambda_attn 0.05, the norm hold over steps 120-180; pairwise
+    # and hinge off). lambda_emb / lambda_attn were tuned by the authors with the official
+    # code's variants; with the paper's attention variant (batch mean) the same lambda_attn is
     # batch_size times weaker than the code's batch sum.
-    c.stage1.lambda_emb = 1.5e-4
-    c.stage1.lambda_attn = 0.05
-    c.stage1.emb_variant = "paper"  # "paper": cosine over features; "code": over tokens
-    c.stage1.attn_variant = "paper"  # "paper": layer-mean then MSE; "code": per layer, batch sum
-    c.stage1.lambda_pairwise = 0.0  # thesis: pairwise token-cosine matrices, L1
-    c.stage1.lambda_hinge = 0.0  # thesis: max(0, margin - cos(v*, v_cat))
-    c.stage1.hinge_margin = 0.5
-    c.stage1.rescale_start = 120  # hold the embedding norm from this step...
-    c.stage1.rescale_end = 180  # ...through this one; 0 disables
-    c.stage1.min_snr_gamma = 0.0  # 0 = uniform loss weighting (the paper)
-
+    c.stage1 = stage_config(
+        STAGE1_METHODS, steps=300, batch_size=6, learning_rate=5e-3, weight_decay=1e-2,
+    )
     # Stage 2: the U-Net, embedding frozen, no regularizers. steps = 0 skips it.
-    c.stage2 = ml_collections.ConfigDict()
-    c.stage2.steps = 1000
-    c.stage2.batch_size = 4
-    c.stage2.learning_rate = 2e-6
-    c.stage2.weight_decay = 1e-2
-    c.stage2.clip_norm = 0.0
+    c.stage2 = stage_config(
+        ("unet_finetune",), steps=1000, batch_size=4, learning_rate=2e-6, weight_decay=1e-2,
+    )
 
     # Sampling for validation grids during training and for `core-jax sample`.
     c.sample = ml_collections.ConfigDict()
@@ -73,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = 50
     c.sample.guidance_scale = 7.5
     c.sample.every = 0  # validation grid every N steps of each stage; 0 = only at the ends
+    c.sample.at_end = True  # a grid when each stage ends (sweeps usually turn this off)
     c.sample.prompts = (
         "a photo of a {}",
         "a {} in the jungle",
@@ -81,8 +100,31 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.sample.images_per_prompt = 2
 
-    c.max_nonfinite = 10  # stop after this many steps in a row skipped for NaN/inf
+    c.max_nonfinite = 10  # stop a run after this many steps in a row skipped for NaN/inf
     c.log_every = 10
     c.checkpoint_every = 50
     c.keep_checkpoints = 3
     return c
+
+
+def migrate(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config.json of an earlier version, as today's keys with the same meaning.
+
+    Version 1 (no `version` key): stage 1 was every text-side term switched by its weight, stage
+    2 fine-tuned the U-Net with stage 1's min_snr_gamma, and both stages drew grids at their
+    ends. Raises ValueError for a version newer than this one."""
+    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+    version = saved.get("version", 1)
+    if version > CONFIG_VERSION:
+        raise ValueError(f"it was written by a newer core-jax (config version {version}; this "
+                         f"one reads up to {CONFIG_VERSION})")
+    if version == 1:
+        stage1, stage2 = saved.get("stage1", {}), saved.get("stage2", {})
+        stage1.setdefault("methods", list(STAGE1_METHODS))
+        stage2.setdefault("methods", ["unet_finetune"])
+        stage2.setdefault("b1", 0.9)
+        stage2.setdefault("b2", 0.999)
+        stage2.setdefault("min_snr_gamma", stage1.get("min_snr_gamma", 0.0))
+        saved.setdefault("sample", {}).setdefault("at_end", True)
+        saved["version"] = CONFIG_VERSION
+    return saved

@@ -372,3 +372,21 @@ def save_image_grid(
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def concept_images(source: str, resolution: int, seed: int) -> list[np.ndarray]:
+    """The photos `concept.images` names: a folder, "builtin:<name>" (scikit-image's photos) or
+    "toyworld:<colour> <pattern> <shape>" (rendered by the toy world at `resolution`, seeded)."""
+    if not source:
+        raise InputError("no concept images: set --config.concept.images to a folder of photos")
+    if source.startswith("builtin:"):
+        return builtin_concept(source.removeprefix("builtin:"))
+    if source.startswith("toyworld:"):
+        from core_jax.toyworld import world  # a data source like a folder; numpy only
+
+        try:
+            identity = world.identity_from_words(source.removeprefix("toyworld:"))
+        except ValueError as err:
+            raise InputError(f"concept.images: {err}") from err
+        return world.concept_images(identity, size=resolution, seed=seed)
+    return load_concept_images(source, min_size=resolution)

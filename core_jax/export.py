@@ -171,3 +171,38 @@ def export_unet(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def file_stem(name: str) -> str:
+    """A concept name as a file name: A1111 and ComfyUI take the prompt word from it."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")
+    return stem or "concept"
+
+
+def export_concept(
+    folder: str | os.PathLike,
+    *,
+    name: str,
+    placeholder: str,
+    vectors: np.ndarray | None = None,
+    unet: tuple[UNet2DConditionModel, weights.Params] | None = None,
+    step: int | None = None,
+) -> dict[str, Path]:
+    """Everything a run hands to other tools, written the one way every run writes it:
+    `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
+    for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
+    params). Returns what was written, by kind."""
+    folder = Path(folder)
+    written = {}
+    if vectors is not None:
+        written["learned_embeds"] = save_learned_embeds(
+            folder / LEARNED_EMBEDS_NAME, placeholder, vectors
+        )
+        (folder / "a1111").mkdir(exist_ok=True)
+        written["a1111"] = save_a1111_embedding(
+            folder / "a1111" / f"{file_stem(name)}.safetensors", file_stem(name), vectors,
+            step=step,
+        )
+    if unet is not None:
+        written["unet"] = export_unet(folder, *unet)
+    return written

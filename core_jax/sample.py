@@ -28,6 +28,7 @@ from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
     add_placeholder_tokens,
+    encode_with_learned,
     load_tokenizer,
     placeholder_slots,
     placeholder_string,
@@ -62,7 +63,10 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.placeholder_ids = tuple(int(i) for i in self.placeholder_ids)
         # Only the (hashable, weightless) modules are bound; weights stay jit arguments.
-        self._encode_fn = jax.jit(functools.partial(_encode, self.text_encoder))
+        self._encode_fn = jax.jit(
+            lambda params, ids, mask, slot, learned: encode_with_learned(
+                self.text_encoder, params, ids, learned, (mask, slot))
+        )
         self._sample_fn = jax.jit(
             functools.partial(_sample, self.text_encoder, self.unet, self.vae),
             static_argnames=(
@@ -91,22 +95,6 @@ class Pipeline:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
-def _encode(
-    text_encoder: CLIPTextModel,
-    text_params: Params,
-    ids: jax.Array,
-    mask: jax.Array,
-    slot: jax.Array,
-    learned: jax.Array,
-) -> jax.Array:
-    """Last hidden state ``[N, T, D]`` of ids ``[N, T]``, learned ``[V, D]`` injected where mask
-    ``[N, T]`` is set (``slot`` ``[N, T]`` picks which vector)."""
-    out = text_encoder.apply(
-        {"params": text_params}, ids, inject_embeds=learned[slot], inject_mask=mask
-    )
-    return out.last_hidden_state
-
-
 def _sample(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
@@ -133,7 +121,7 @@ def _sample(
     U-Net-scale latents ``[N * images_per_prompt, h, w, C]`` float32; prompt-major order.
     """
     # The unconditional prompt rides along in the same text-encoder call.
-    context = _encode(text_encoder, params["text"], ids, mask, slot, learned)
+    context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
     cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
     uncond = jnp.broadcast_to(context[:1], cond.shape)
     both = jnp.concatenate([uncond, cond])  # guided()'s order: unconditional half first

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -47,15 +49,55 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_default_run_writes_everything(uninterrupted):
-    for name in ("learned_embeds.safetensors", "a1111/chelsea.safetensors", "loss_curves.png",
-                 "metrics.jsonl", "config.json", "unet/config.json"):
-        assert (uninterrupted / name).is_file(), name
-    assert sorted(p.name for p in (uninterrupted / "samples").iterdir()) == [
-        "stage1_step000006.png", "stage2_step000010.png"
-    ]
+    """Every output exists and holds what it claims: the vectors the last checkpoint holds, in
+    both embedding formats; a stage-2 U-Net that moved off the base model; one metrics record
+    per step with every loss term of its stage; grids of the configured shape."""
+    from PIL import Image
+
+    from core_jax import weights
+    from core_jax.models.presets import random_models
+    from core_jax.train.outputs import latest_checkpoint
+
+    step, items = latest_checkpoint(uninterrupted)
+    assert step == 10
+    final = np.asarray(items["state"]["params"]["embeds"][0])
+    np.testing.assert_array_equal(learned(uninterrupted), final)
+    a1111 = load_file(uninterrupted / "a1111" / "chelsea.safetensors")["emb_params"]
+    np.testing.assert_array_equal(a1111, final)
+    _, trained = weights.load_unet(uninterrupted / "unet")
+    base = random_models("micro", 0, np.float32).params["unet"]
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(trained), jax.tree.leaves(base), strict=True)]
+    assert any(moved)  # stage 2 trained the U-Net it exported
+
+    records = [json.loads(ln) for ln in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert all({"loss", "diffusion", "emb", "attn"} <= r.keys() for r in records if r["stage"] == 1)
+    assert all(r.keys() & {"emb", "attn"} == set() for r in records if r["stage"] == 2)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    result = json.loads((uninterrupted / "result.json").read_text())
+    assert result["status"] == "done" and result["step"] == 10
+
+    grids = sorted(p.name for p in (uninterrupted / "samples").iterdir())
+    assert grids == ["stage1_step000006.png", "stage2_step000010.png"]
+    with Image.open(uninterrupted / "samples" / grids[0]) as grid:
+        assert grid.size == (16, 16)  # one prompt x one image of 16 px
+    assert (uninterrupted / "loss_curves.png").stat().st_size > 0
     assert list((uninterrupted / "tensorboard").iterdir())
     steps = [int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()]
     assert {6, 10} <= set(steps)  # the end of each stage is always kept
+
+
+@pytest.mark.slow
+def test_stage2_draws_its_own_randomness(uninterrupted):
+    """Stage 2 must not replay stage 1's noise, timesteps and views: its key differs."""
+    from core_jax.train.outputs import latest_checkpoint
+    from core_jax.train.state import stage_keys
+
+    _, items = latest_checkpoint(uninterrupted)  # step 10: stage 2's state
+    stage2_rng = np.asarray(items["state"]["rng"])
+    np.testing.assert_array_equal(stage2_rng, np.asarray(stage_keys([0], 1)))
+    assert not np.array_equal(stage2_rng, np.asarray(stage_keys([0], 0)))
 
 
 @pytest.mark.slow
@@ -76,6 +118,37 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     # Metrics are logged once per step even though steps 4-8 were stopped and resumed.
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 10
+
+
+def test_config_of_the_previous_version_reruns_identically():
+    """A config.json written before methods were modules (tests/fixtures, made by main at
+    73361fe from configs/tiny_cat.py) migrates to exactly today's configs/tiny_cat.py."""
+    import importlib.util
+
+    from core_jax.config import migrate
+    from core_jax.train.loop import flatten_config
+
+    spec = importlib.util.spec_from_file_location("tiny_cat", ROOT / "configs/tiny_cat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    today = flatten_config(json.loads(module.get_config().to_json()))
+    saved = json.loads((ROOT / "tests/fixtures/config_v1_tiny_cat.json").read_text())
+    assert flatten_config(migrate(saved)) == today
+
+
+def test_workdir_of_the_previous_version_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_bytes(
+        (ROOT / "tests/fixtures/config_v1_tiny_cat.json").read_bytes())
+    (tmp_path / "checkpoints").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/tiny_cat.py"),
+         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"core-jax: {tmp_path} holds checkpoints of an earlier core-jax (config version 1), "
+        "which this one cannot resume; its exports still load. Rerun with --overwrite to train "
+        "it again (the same config gives the same run)"
+    )
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

@@ -49,7 +49,7 @@ def _initialize_distributed() -> None:
 def _sweep(*args: Any) -> Any:
     from core_jax.train.sweep import sweep  # after the lock: the import takes seconds
 
-    return sweep(*args)
+    return sweep(*args, progress=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str]) -> None:
@@ -61,6 +61,8 @@ def main(argv: list[str]) -> None:
     summary = run_reporting_input_errors(
         under_workdir_lock, _WORKDIR.value, "sweep", _sweep, _CONFIG.value, _WORKDIR.value
     )
-    brief = {k: summary[k] for k in ("runs", "compilations", "pack", "mesh", "wall_s")}
+    if summary is None:  # stopped by a signal; the line saying so is printed
+        return
+    brief = {k: summary[k] for k in ("runs", "failed", "compilations", "pack", "mesh", "wall_s")}
     print(json.dumps(brief))
     print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/sweep_summary.json")

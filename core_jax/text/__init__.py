@@ -1,12 +1,12 @@
 """Text side: CLIP tokenizer, placeholder tokens, prompt ids, CoRe context alignment."""
 
 from core_jax.text.context import RegularizationPrompts, regularization_prompts
+from core_jax.text.inject import encode_with_learned, placeholder_slots
 from core_jax.text.templates import check_template, fill_template, load_templates
 from core_jax.text.tokenizer import (
     add_placeholder_tokens,
     caption_ids,
     load_tokenizer,
-    placeholder_slots,
     placeholder_string,
     placeholder_tokens,
     super_category_ids,
@@ -21,6 +21,7 @@ __all__ = [
     "caption_ids",
     "check_template",
     "clip_tokenizer_dir",
+    "encode_with_learned",
     "fill_template",
     "load_templates",
     "load_tokenizer",

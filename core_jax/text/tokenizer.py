@@ -83,19 +83,6 @@ def add_placeholder_tokens(
     return [int(i) for i in tokenizer.convert_tokens_to_ids(names)]
 
 
-def placeholder_slots(
-    ids: np.ndarray, placeholder_ids: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which positions of ``ids`` are placeholders, and which of the V vectors each one takes.
-
-    Returns (mask, slot), both shaped like ids: mask is bool, slot is int32 in [0, V), 0 where
-    mask is False so it is always a valid gather index.
-    """
-    ids = np.asarray(ids)
-    hits = ids[..., None] == np.asarray(placeholder_ids, dtype=ids.dtype)
-    return hits.any(-1), hits.argmax(-1).astype(np.int32)
-
-
 def encode_full(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Ids with start/end-of-text, neither truncated nor padded."""
     # verbose=False: over-long prompts are reported by our own warning, naming the prompt.

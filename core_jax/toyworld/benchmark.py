@@ -254,7 +254,7 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
     for template in b.prompts:  # raises on a bad prompt
         prompt_check(template, identities[0], config.concept.placeholder)
     training = _training_config(config)
-    flat = expand_runs(training)
+    flat = expand_runs(training, workdir)
     runs = [flat[c * len(methods) : (c + 1) * len(methods)] for c in range(len(concepts))]
     for concept_runs in runs:
         # Placeholder, super-category and templates: errors and warnings now, not mid-sweep.
@@ -267,7 +267,7 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
 
 def _check_same_training(run: Run, workdir: Path) -> None:
     """A finished run is skipped by the sweep: refuse one that was trained differently."""
-    saved = run.folder(workdir) / "config.json"
+    saved = run.folder / "config.json"
     if not saved.is_file():
         return
     old = flatten_config(json.loads(saved.read_text()))
@@ -348,7 +348,7 @@ def _evaluate_runs(
     todo = []
     for c, concept_runs in enumerate(p.runs):
         for run in concept_runs:
-            folder = run.folder(workdir)
+            folder = run.folder
             scores_path = folder / SCORES_FILE
             trained = json.loads((folder / "result.json").read_text())
             if scores_path.is_file():
@@ -362,7 +362,7 @@ def _evaluate_runs(
     evaluate = _Evaluator(config)
     for n, (c, run, trained) in enumerate(todo, 1):
         started = time.perf_counter()
-        folder = run.folder(workdir)
+        folder = run.folder
         samples, scores = evaluate(folder, p.identities[c])
         np.savez_compressed(folder / SAMPLES_FILE, samples=samples)
         record = {"run": run.name, "evaluation": key, "trained": trained, "prompts": scores}
@@ -380,7 +380,7 @@ def _method_grid(
     rows = []
     for c, identity in enumerate(p.identities):
         photo = concept_images(identity, size=config.data.resolution, seed=config.seed)[0]
-        with np.load(p.runs[c][m].folder(workdir) / SAMPLES_FILE) as f:
+        with np.load(p.runs[c][m].folder / SAMPLES_FILE) as f:
             rows.append(np.concatenate([photo[None], f["samples"][:, 0]]))
     images = np.concatenate(rows)
     images = images.repeat(GRID_UPSCALE, axis=1).repeat(GRID_UPSCALE, axis=2)
@@ -393,7 +393,7 @@ def _score_arrays(p: Plan, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
     identity, text = np.zeros(shape), np.zeros(shape)
     for c, concept_runs in enumerate(p.runs):
         for m, run in enumerate(concept_runs):
-            scores = json.loads((run.folder(workdir) / SCORES_FILE).read_text())["prompts"]
+            scores = json.loads((run.folder / SCORES_FILE).read_text())["prompts"]
             for i, template in enumerate(p.prompts):
                 identity[m, c, i] = np.mean(scores[template]["identity"])
                 text[m, c, i] = np.mean(scores[template]["text"])

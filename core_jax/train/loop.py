@@ -1,46 +1,459 @@
-"""`core-jax train`: photos in, a learned concept out. Reads top to bottom:
+"""The run loop: every run, of `core-jax train` (a sweep of one) or of `core-jax sweep`, trains
+here. Runs that may share a compiled program form a group; a group's runs train C at a time as
+one pack, packed on the step's concept axis. Per pack the story reads top to bottom:
 
-set up (models, prompts, latent pool) -> restore -> stage 1 loop -> stage 2 loop -> export,
-logging and checkpointing along the way. One concept; `core-jax sweep` packs many.
+set up (concept data, numbers) -> restore (the newest intact checkpoint) -> for each stage: loop
+(step, guard, log, checkpoint, sample, stop on request) -> the stage's exports -> the runs'
+results. Whatever happens to one run (a stop, a non-finite streak, a resume) happens the same
+way to every run, alone or packed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import json
-import shutil
 import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
 from core_jax.sample import Pipeline, generate
-from core_jax.text import fill_template
+from core_jax.text import add_placeholder_tokens, caption_ids, fill_template, placeholder_string
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
-from core_jax.train.runlog import RunLog, plot_loss_curves
-from core_jax.train.stage2 import (
-    UNetState,
-    caption_context,
-    init_unet_state,
-    make_unet_optimizer,
-    shard_stage2_step,
+from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
+from core_jax.train.passes import StepModels
+from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
+from core_jax.train.stages import (
+    build_program,
+    stage_ends,
+    stage_names,
+    stage_numbers,
+    stage_params,
 )
-from core_jax.train.state import ConceptHypers, init_embedding_state
-from core_jax.train.step import Stage1Config, make_mesh, make_optimizer, shard_stage1_step
+from core_jax.train.state import ConceptData, TrainState, stage_keys
+from core_jax.train.step import StageProgram, init_state, shard_step
 
-# Config keys a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = ("stage2.steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample.")
 
+@dataclasses.dataclass
+class Run:
+    """One run: its full config (what `core-jax train` would run) and where its outputs go."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    folder: Path
+
+
+@dataclasses.dataclass
+class Pack:
+    """Runs of one group trained together; slots past the members repeat the first run (their
+    results are dropped) so every pack of a group has the group's shapes."""
+
+    runs: list[Run]
+    size: int
+    checkpoints: Path
+    label: str = ""  # "group 1/2, pack 3/4", for progress lines
+
+    @property
+    def slots(self) -> list[Run]:
+        return self.runs + [self.runs[0]] * (self.size - len(self.runs))
+
+
+class StopRequests:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) or a requested step end training cleanly: the loop
+    finishes the step in flight, checkpoints it and returns."""
+
+    def __init__(self, stop_at_step: int | None = None):
+        self.stop_at_step = stop_at_step
+        self.signal: str | None = None
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __call__(self, step: int) -> bool:
+        return self.signal is not None or step == self.stop_at_step
+
+    def message(self, step: int, total: int) -> str:
+        why = f"{self.signal} received" if self.signal else f"stop requested at step {step}"
+        return (f"{why}: checkpoint saved at step {step} of {total}; run the same command again "
+                "to resume")
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Env:
+    """What every pack of a job shares."""
+
+    models: run_setup.Models
+    mesh: Mesh
+    stop: StopRequests
+    progress: Callable[[str], None] | None = None  # hears of packs starting, saving, ending
+    alone: bool = False  # `core-jax train`: a run that fails raises instead of being reported
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        return {"text": self.models.params["text"], "unet": self.models.params["unet"]}
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            self.progress(line)
+
+
+class Group:
+    """Runs that share compiled programs: their configs differ only in per-run numbers, seeds
+    and concepts. Holds the tokenizer with the placeholder tokens, each stage's program and
+    compiled step, and (when asked) the sampling pipeline."""
+
+    def __init__(self, runs: Sequence[Run], pack: int, env: Env):
+        self.runs, self.env = list(runs), env
+        first = self.runs[0].config
+        models = env.models
+        self.tokenizer = copy.deepcopy(models.tokenizer)
+        c = first.concept
+        self.placeholder_ids = add_placeholder_tokens(self.tokenizer, c.placeholder,
+                                                      c.num_vectors)
+        self.text = placeholder_string(c.placeholder, c.num_vectors)
+        step_models = StepModels(
+            models.text_encoder, models.unet,
+            tuple(int(i) for i in caption_ids(self.tokenizer, self.text, c.caption)),
+            tuple(self.placeholder_ids),
+        )
+        self.stages = stage_names(first)
+        self.ends = stage_ends(first)
+        self.programs: list[StageProgram] = [
+            build_program([r.config[name] for r in self.runs], step_models,
+                          models.schedule.prediction_type)
+            for name in self.stages
+        ]
+        self.steps = [shard_step(env.mesh, program) for program in self.programs]
+        self.pack = pack
+        self._pipeline: Pipeline | None = None
+
+    def stage_at(self, step: int) -> int:
+        """The stage whose state a checkpoint at global `step` (>= 1) holds."""
+        return next(k for k, end in enumerate(self.ends) if step <= end)
+
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            m = self.env.models
+            self._pipeline = Pipeline(
+                self.tokenizer, tuple(self.placeholder_ids), m.text_encoder, m.params["text"],
+                m.unet, m.params["unet"], m.vae, m.params["vae"], m.schedule,
+                placeholder=self.runs[0].config.concept.placeholder,
+            )
+        return self._pipeline
+
+    def concept_data(self, slots: Sequence[Run], hosts: list[tuple[set[int], int]]) -> ConceptData:
+        """The slots' latent pools and prompt tables. A host encodes only the photos of the
+        slots its devices hold; the rest are placeholders it never sends."""
+        m, me, first = self.env.models, jax.process_index(), slots[0].config
+        empty = np.zeros((first.data.num_views, *latent_size(first, m)), np.float32)
+        pools = [
+            run_setup.latent_pool(r.config, m, run_setup.concept_images(r.config))
+            if me in hosts[c][0] else (empty, empty)
+            for c, r in enumerate(slots)
+        ]
+        specs = [
+            ConceptSpec(r.config.concept.name, r.config.concept.super_category,
+                        run_setup.concept_templates(r.config), seed=r.config.seed)
+            for r in slots
+        ]
+        return build_concept_data(self.tokenizer, m.text_encoder, m.params["text"], self.text,
+                                  specs, pools)
+
+
+def latent_size(config: ml_collections.ConfigDict, models: run_setup.Models) -> tuple[int, ...]:
+    """Latent shape [h, w, c] of one encoded view at the run's resolution."""
+    side = config.data.resolution // run_setup.vae_factor(models.vae)
+    return (side, side, models.vae.config.latent_channels)
+
+
+def slot_hosts(mesh: Mesh, pack: int) -> list[tuple[set[int], int]]:
+    """For each slot of a pack: the processes whose devices hold it, and the one that writes
+    its outputs (the owner of the first device of its concept shard)."""
+    per_shard = pack // mesh.shape[CONCEPT_AXIS]
+    rows = mesh.devices.reshape(mesh.shape[CONCEPT_AXIS], -1)
+    return [
+        ({d.process_index for d in rows[c // per_shard]}, rows[c // per_shard][0].process_index)
+        for c in range(pack)
+    ]
+
+
+def gather(tree: Any) -> Any:
+    """Concept-sharded arrays, whole, on every host."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_slice(tree: Any, c: int) -> Any:
+    """Concept c of concept-sharded arrays, read from this host's shards (it owns run c)."""
+
+    def one(leaf: jax.Array) -> np.ndarray:
+        for shard in leaf.addressable_shards:
+            rows = range(*shard.index[0].indices(leaf.shape[0]))
+            if c in rows:
+                return np.asarray(shard.data)[rows.index(c)]
+        raise ValueError(f"concept {c} is not on this host")
+
+    return jax.tree.map(one, tree)
+
+
+def is_done(run: Run) -> bool:
+    return (run.folder / "result.json").is_file()
+
+
+def read_result(run: Run) -> dict[str, Any]:
+    return json.loads((run.folder / "result.json").read_text())
+
+
+def _failure(stage: int, step: int, metrics: dict[str, np.ndarray], c: int) -> dict[str, Any]:
+    bad = [k for k, v in metrics.items() if not np.isfinite(np.asarray(v, np.float64)[c])]
+    return {"stage": stage, "step": step, "terms": bad or ["the gradient"]}
+
+
+def nonfinite_message(failure: dict[str, Any], streak: int) -> str:
+    return (
+        f"stage {failure['stage']} step {failure['step']}: {streak} steps in a row skipped "
+        f"because {', '.join(failure['terms'])} went non-finite; the state is the last finite one"
+        " (lower the learning rate, check the photos, or try fp32)"
+    )
+
+
+def train_pack(group: Group, pack: Pack, env: Env) -> bool:
+    """Train one pack through every stage, or resume it; False when stopped by a request (the
+    pack is checkpointed at the step reached)."""
+    slots, first = pack.slots, pack.runs[0].config
+    me, hosts = jax.process_index(), slot_hosts(env.mesh, pack.size)
+    owned = [(c, run) for c, run in enumerate(pack.runs) if hosts[c][1] == me]
+    frozen, schedule, total = env.frozen, env.models.schedule, group.ends[-1]
+
+    # --- Set up: the concepts' data, each stage's per-run numbers --------------------------
+    data = group.concept_data(slots, hosts)
+    numbers = [stage_numbers([r.config[name] for r in slots]) for name in group.stages]
+    seeds = [r.config.seed for r in slots]
+    num_vectors = first.concept.num_vectors
+
+    def first_state(k: int, params: dict[str, Any]) -> TrainState:
+        params = stage_params(group.programs, k, params, data, frozen, num_vectors)
+        return init_state(group.programs[k], params, stage_keys(seeds, k))
+
+    def fresh_state(k: int) -> TrainState:  # stage k's state shapes, for restoring into
+        params: dict[str, Any] = {}
+        for j in range(k + 1):
+            params = stage_params(group.programs, j, params, data, frozen, num_vectors)
+        return init_state(group.programs[k], params, stage_keys(seeds, k))
+
+    # --- Restore ----------------------------------------------------------------------------
+    checkpoints = RunCheckpoints(pack.checkpoints, first.keep_checkpoints, group.ends)
+    found = checkpoints.restore_newest_intact(
+        lambda step: {"state": fresh_state(group.stage_at(step))}
+    )
+    start, state = (found[0], found[1]["state"]) if found else (0, None)
+    state_stage = group.stage_at(start) if start else None
+    logs = {run.name: _run_log(run, start) for _, run in owned}
+    bar = Progress(total, start, pack.label) if env.alone else None
+    env.say(f"{pack.label}: training {len(pack.runs)} runs for {total} steps"
+            + (f", resuming at step {start}" if start else "")
+            + f" ({', '.join(r.name for r in pack.runs)})")
+    if env.alone and start:
+        print(f"resumed {pack.runs[0].folder} at step {start} of {total}")
+    failed: dict[int, dict[str, Any]] = {}
+
+    def close() -> None:
+        checkpoints.close()
+        for log in logs.values():
+            log.close()
+        if bar:
+            bar.close()
+
+    # --- The stages ---------------------------------------------------------------------------
+    step = start
+    for k, name in enumerate(group.stages):
+        if start > group.ends[k]:
+            continue  # finished before the checkpoint we resumed from
+        if state is None:
+            state = first_state(0, {})
+        elif state_stage != k:
+            state = first_state(k, jax.device_get(state.params))
+        state_stage = k
+        step_fn = group.steps[k]
+        while step < group.ends[k] and len(failed) < len(pack.runs):
+            state, metrics = step_fn(state, data, numbers[k], frozen, schedule)
+            step += 1
+            metrics = gather(metrics)
+            for c, _ in enumerate(pack.runs):
+                if c not in failed and metrics["nonfinite_streak"][c] >= first.max_nonfinite:
+                    failed[c] = _failure(k + 1, step, metrics, c)
+                    env.say(f"{pack.label}: {pack.runs[c].name} failed: "
+                            + nonfinite_message(failed[c], first.max_nonfinite))
+            if env.alone and failed:
+                close()
+                raise NonFiniteError(nonfinite_message(failed[0], first.max_nonfinite))
+            if step % first.log_every == 0 or step == group.ends[k]:
+                _log(logs, owned, k + 1, step, metrics, bar)
+            if step % first.checkpoint_every == 0 or step == group.ends[k]:
+                checkpoints.save(step, {"state": state})
+                env.say(f"{pack.label}: step {step}/{total}")
+            if (first.sample.every and step % first.sample.every == 0
+                    and step < group.ends[k]):
+                _sample_grids(group, owned, failed, state, name, step, logs)
+            if env.stop(step):
+                checkpoints.save(step, {"state": state})
+                close()
+                print(env.stop.message(step, total))
+                return False
+        if len(failed) == len(pack.runs):
+            break
+        # --- The stage's exports: what it trained, for every run that did not fail ----------
+        _export_stage(group, owned, failed, state, group.programs[k], step)
+        if first.sample.at_end:
+            _sample_grids(group, owned, failed, state, name, step, logs)
+
+    # --- The runs' results -------------------------------------------------------------------
+    close()
+    for c, run in owned:
+        if is_done(run):  # finished before a kill that cut the pack's writing
+            continue
+        _finish_run(run, failed.get(c))
+    return True
+
+
+def _run_log(run: Run, start: int) -> MetricsLog:
+    run.folder.mkdir(parents=True, exist_ok=True)
+    if not (run.folder / "config.json").is_file():
+        export.atomic_write_bytes(run.folder / "config.json",
+                                  lambda: run.config.to_json(indent=2).encode())
+    return MetricsLog(run.folder, start)
+
+
+def _log(
+    logs: dict[str, MetricsLog], owned: list[tuple[int, Run]], stage: int, step: int,
+    metrics: dict[str, np.ndarray], bar: Progress | None,
+) -> None:
+    """One metrics.jsonl record per run this host owns; the bar shows the first run."""
+    for c, run in owned:
+        values = {m: float(v[c]) for m, v in metrics.items() if m != "nonfinite_streak"}
+        if bar is not None and c == 0:
+            values["steps_per_s"] = bar.update(stage, step, values)
+        logs[run.name].scalars(stage, step, values)
+
+
+def _export_stage(
+    group: Group, owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState,
+    program: StageProgram, step: int,
+) -> None:
+    """Hand what the stage trained to other tools, for each run this host owns."""
+    for c, run in owned:
+        if c in failed:
+            continue
+        params = local_slice({g: state.params[g] for g in program.trains}, c)
+        c_config = run.config.concept
+        export.export_concept(
+            run.folder, name=c_config.name, placeholder=c_config.placeholder,
+            vectors=params.get("embeds"),
+            unet=(group.env.models.unet, params["unet"]) if "unet" in params else None,
+            step=step,
+        )
+
+
+def _sample_grids(
+    group: Group, owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState,
+    stage: str, step: int, logs: dict[str, MetricsLog],
+) -> None:
+    """A validation grid per run this host owns: its learned vectors, its U-Net if it has one."""
+    pipeline = group.pipeline()
+    base_unet = group.env.models.params["unet"]
+    for c, run in owned:
+        if c in failed:
+            continue
+        params = local_slice({g: state.params[g] for g in state.params}, c)
+        pipeline.unet_params = params.get("unet", base_unet)  # same shapes: compiled once
+        s = run.config.sample
+        prompts = [fill_template(p, group.text) for p in s.prompts]
+        images = generate(
+            pipeline, prompts, params["embeds"], num_images_per_prompt=s.images_per_prompt,
+            steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
+            seed=run.config.seed,
+        )
+        path = save_image_grid(images, run.folder / "samples" / f"{stage}_step{step:06d}.png",
+                               nrow=s.images_per_prompt * 2)
+        logs[run.name].image(f"samples/{stage}", step, _read_png(path))
+    pipeline.unet_params = base_unet
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _finish_run(run: Run, failure: dict[str, Any] | None) -> None:
+    """The loss curves and result.json (written last: a run counts as done once it exists)."""
+    metrics = run.folder / "metrics.jsonl"
+    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    plot_loss_curves(metrics, run.folder / "loss_curves.png")
+    result = {"run": run.name, "status": "failed" if failure else "done",
+              **{k: v for k, v in last.items() if k != "stage"}}
+    if failure:
+        result["failure"] = failure
+    export.atomic_write_bytes(run.folder / "result.json",
+                              lambda: json.dumps(result, indent=2).encode())
+
+
+def train_groups(
+    groups: Sequence[list[Run]], pack: int, env: Env, checkpoints: Callable[[int, int], Path],
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every group, `pack` runs at a time; `checkpoints(g, k)` is pack k of group g's folder.
+    Returns per group its runs, packs and compilations, and False when stopped by a request."""
+    reports = []
+    for g, runs in enumerate(groups):
+        group = Group(runs, pack, env)
+        packs = [runs[i:i + pack] for i in range(0, len(runs), pack)]
+        for k, members in enumerate(packs):
+            label = (runs[0].name if env.alone
+                     else f"group {g + 1}/{len(groups)}, pack {k + 1}/{len(packs)}")
+            if everywhere(all(is_done(r) for r in members)):
+                env.say(f"{label}: done already ({len(members)} runs)")
+                continue
+            if not train_pack(group, Pack(members, pack, checkpoints(g, k), label), env):
+                return reports, False
+            env.say(f"{label}: done")
+        reports.append({
+            "runs": [r.name for r in runs],
+            "packs": len(packs),
+            "compilations": [step.jitted._cache_size() for step in group.steps],
+        })
+    return reports, True
+
+
+def everywhere(flag: bool) -> bool:
+    """True only if it is true on every process (all hosts must run the same programs)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+# --- `core-jax train`: a sweep of one run ----------------------------------------------------
 
 @dataclasses.dataclass
 class RunOutputs:
@@ -54,6 +467,10 @@ class RunOutputs:
     metrics: Path
 
 
+# Config keys a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints", "sample.")
+
+
 def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
     """{"stage1": {"steps": 3}} -> {"stage1.steps": 3}: configs compared key by key."""
     out = {}
@@ -61,14 +478,25 @@ def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             out.update(flatten_config(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """A saved config.json, migrated to today's keys (`core_jax.config.migrate`)."""
+    from core_jax.config import migrate
+
+    try:
+        return migrate(json.loads(path.read_text()))
+    except ValueError as err:
+        raise InputError(f"cannot read {path} ({err}); --overwrite starts afresh") from err
 
 
 def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Refuse, before anything is written: a workdir that is a file, one that holds a run of a
-    different config (unless told to overwrite), and an overwrite that would delete a folder
-    that is not a core-jax run or that holds the run's own photos or model."""
+    different config (unless told to overwrite), one whose checkpoints an earlier version wrote,
+    and an overwrite that would delete a folder that is not a core-jax run or that holds the
+    run's own photos or model."""
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} is a file, not a folder")
     saved = workdir / "config.json"
@@ -88,85 +516,38 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: b
         return
     if not saved.is_file():
         return
-    try:
-        before = flatten_config(json.loads(saved.read_text()))
-    except ValueError as err:
-        raise InputError(f"cannot read {saved} ({err}); --overwrite starts afresh") from err
+    raw = json.loads(saved.read_text()) if saved.read_text().strip() else {}
+    before = flatten_config(saved_config(saved))
     now = flatten_config(json.loads(config.to_json()))
+    last_steps = f"{stage_names(config)[-1]}.steps"
     changed = sorted(
         k for k in before.keys() | now.keys()
         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
+        and k != last_steps
     )
     if changed:
         raise InputError(
             f"{workdir} holds a run with a different config (differs in {', '.join(changed)});"
             " use a new --workdir, or --overwrite to start this one afresh"
         )
+    if "version" not in raw and (workdir / "checkpoints").is_dir():
+        raise InputError(
+            f"{workdir} holds checkpoints of an earlier core-jax (config version 1), which this "
+            "one cannot resume; its exports still load. Rerun with --overwrite to train it "
+            "again (the same config gives the same run)"
+        )
 
 
 def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Create the workdir (emptied first under `overwrite`) and write config.json atomically.
     Call `check_workdir` first."""
+    import shutil
+
     if overwrite and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "config.json"
-    tmp = saved.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json(indent=2))
-    tmp.replace(saved)
-
-
-def stage1_config(
-    config: ml_collections.ConfigDict, caption: np.ndarray, placeholder_ids: list[int]
-) -> Stage1Config:
-    """The static step settings a run config implies (a zero weight drops its term)."""
-    s1 = config.stage1
-    return Stage1Config(
-        batch_size=s1.batch_size,
-        caption_ids=tuple(int(i) for i in caption),
-        placeholder_ids=tuple(placeholder_ids),
-        use_emb=s1.lambda_emb > 0,
-        use_attn=s1.lambda_attn > 0,
-        use_pairwise=s1.lambda_pairwise > 0,
-        use_hinge=s1.lambda_hinge > 0,
-        emb_variant=s1.emb_variant,
-        attn_variant=s1.attn_variant,
-        rescale_start=s1.rescale_start,
-        rescale_end=s1.rescale_end,
-        min_snr_gamma=s1.min_snr_gamma or None,
-    )
-
-
-def _nonfinite_message(stage: int, step: int, streak: int, metrics: dict[str, Any]) -> str:
-    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))]
-    what = ", ".join(bad) if bad else "the gradient"
-    return (
-        f"stage {stage} step {step}: {streak} steps in a row skipped because {what} went "
-        "non-finite; the state is the last finite one (lower the learning rate, check the "
-        "photos, or try fp32)"
-    )
-
-
-class StopRequests:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) or a requested step end the run cleanly: the loop
-    finishes the step in flight, checkpoints it and returns."""
-
-    def __init__(self, stop_at_step: int | None):
-        self.stop_at_step = stop_at_step
-        self.signal: str | None = None
-        self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def __call__(self, step: int) -> bool:
-        return self.signal is not None or step == self.stop_at_step
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    export.atomic_write_bytes(workdir / "config.json",
+                              lambda: config.to_json(indent=2).encode())
 
 
 def train(
@@ -175,204 +556,60 @@ def train(
     overwrite: bool = False,
     stop_at_step: int | None = None,
 ) -> RunOutputs | None:
-    """Run (or resume) both stages; None when stopped early (signal or `stop_at_step`), after
-    checkpointing the step reached."""
+    """Run (or resume) every stage of one run; None when stopped early (signal or
+    `stop_at_step`), after checkpointing the step reached."""
     workdir = Path(workdir)
-    s1, s2 = config.stage1, config.stage2
-    total_steps = s1.steps + s2.steps
 
     # --- Check: bad input fails here in one line, before anything is written or compiled ----
     run_setup.check_config(config)
     if stop_at_step is not None and stop_at_step < 1:
         raise InputError(f"--stop_at_step is {stop_at_step}; it must be at least 1")
     check_workdir(workdir, config, overwrite)
-    images = run_setup.concept_images(config)
+    run_setup.concept_images(config)
     tokenizer = run_setup.run_tokenizer(config)
-    text = run_setup.concept_text(config, tokenizer)  # before the weights: faster to fail
+    run_setup.concept_text(config, copy.deepcopy(tokenizer))  # before the weights: faster to fail
     models = run_setup.load_models(config, tokenizer)
     run_setup.check_resolution(config, models)
-    placeholder_ids, concept_text, caption = text.placeholder_ids, text.text, text.caption
+    mesh, mesh_line = fit_mesh(1, [config[s].batch_size for s in stage_names(config)])
+    if len(mesh.devices.flat) < jax.device_count():
+        print(mesh_line)
 
-    # --- Set up --------------------------------------------------------------------------------
+    # --- Train: one group, one pack, one run -------------------------------------------------
     prepare_workdir(workdir, config, overwrite)
-    spec = ConceptSpec(
-        config.concept.placeholder, config.concept.super_category, text.templates,
-        seed=config.seed,
-    )
-    mean, std = run_setup.latent_pool(config, models, images)
-    data = build_concept_data(
-        models.tokenizer, models.text_encoder, models.params["text"], concept_text, [spec],
-        [(mean, std)],
-    )
-    frozen = {"text": models.params["text"], "unet": models.params["unet"]}
-    mesh = make_mesh(1)
-    optimizer = make_optimizer(s1.weight_decay, s1.b1, s1.b2, clip_norm=s1.clip_norm or None)
-    init = jnp.repeat(data.super_embed[:, None], config.concept.num_vectors, axis=1)
-    state = init_embedding_state(init, [config.seed], optimizer)
-    hypers = ConceptHypers.broadcast(
-        1, learning_rate=s1.learning_rate, lambda_emb=s1.lambda_emb, lambda_attn=s1.lambda_attn,
-        lambda_pairwise=s1.lambda_pairwise, lambda_hinge=s1.lambda_hinge,
-        hinge_margin=s1.hinge_margin,
-    )
-    stage1_step = shard_stage1_step(
-        mesh, text_encoder=models.text_encoder, unet=models.unet, optimizer=optimizer,
-        config=stage1_config(config, caption, placeholder_ids),
-    )
-    unet_optimizer = make_unet_optimizer(
-        s2.learning_rate, s2.weight_decay, clip_norm=s2.clip_norm or None
-    )
-
-    pipeline = Pipeline(
-        models.tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
-        models.unet, frozen["unet"], models.vae, models.params["vae"], models.schedule,
-        placeholder=config.concept.placeholder,
-    )
-
-    def sample_grid(tag: str, step: int, learned: jax.Array, unet_params: Any) -> Path:
-        pipeline.unet_params = unet_params  # same shapes: the compiled sampler is reused
-        prompts = [fill_template(p, concept_text) for p in config.sample.prompts]
-        images = generate(
-            pipeline, prompts, np.asarray(learned),
-            num_images_per_prompt=config.sample.images_per_prompt, steps=config.sample.steps,
-            sampler=config.sample.sampler, guidance_scale=config.sample.guidance_scale,
-            seed=config.seed,
-        )
-        path = save_image_grid(
-            images, workdir / "samples" / f"{tag}_step{step:06d}.png",
-            nrow=config.sample.images_per_prompt * 2,
-        )
-        log.image(f"samples/{tag}", step, np.asarray(_read_png(path)))
-        return path
-
-    # --- Restore ---------------------------------------------------------------------------
-    checkpoints = RunCheckpoints(
-        workdir / "checkpoints", config.keep_checkpoints, [s1.steps, total_steps]
-    )
-    start = checkpoints.latest_step() or 0
-    unet_state: UNetState | None = None
-    if start:
-        names = checkpoints.items(start)
-        like = {"embedding": state}
-        if "unet" in names:
-            like["unet"] = init_unet_state(frozen["unet"], config.seed, unet_optimizer)
-        restored = checkpoints.restore(start, like)
-        state, unet_state = restored["embedding"], restored.get("unet")
-        print(f"resumed {workdir} at step {start} of {total_steps}")
-    log = RunLog(workdir, total_steps, start)
-    samples: list[Path] = []
+    run = Run(config.concept.name, config, workdir)
     stop = StopRequests(stop_at_step)
-
-    def guard(stage: int, step: int, metrics: dict[str, Any]) -> None:
-        """Non-finite steps are skipped inside the step; too many in a row end the run."""
-        streak.append(bool(np.asarray(metrics["nonfinite"]).any()))
-        if len(streak) >= config.max_nonfinite and all(streak[-config.max_nonfinite:]):
-            checkpoints.close()
-            log.close()
-            stop.close()
-            raise NonFiniteError(_nonfinite_message(stage, step, len(streak), metrics))
-        if not streak[-1]:
-            streak.clear()
-
-    streak: list[bool] = []
-
-    def stopped(step: int, items: dict[str, Any]) -> bool:
-        if not stop(step):
-            return False
-        checkpoints.save(step, items)
-        checkpoints.close()
-        log.close()
+    env = Env(models, mesh, stop, alone=True)
+    try:
+        _, finished = train_groups([[run]], 1, env, lambda g, k: workdir / "checkpoints")
+    finally:
         stop.close()
-        why = f"{stop.signal} received" if stop.signal else f"stop requested at step {step}"
-        print(f"{why}: checkpoint saved at step {step} of {total_steps}; run the same command "
-              "again to resume")
-        return True
-
-    # --- Stage 1: the embedding --------------------------------------------------------------
-    step = start
-    while step < s1.steps:
-        state, metrics = stage1_step(state, data, hypers, frozen, models.schedule)
-        step += 1
-        metrics = jax.device_get(metrics)
-        guard(1, step, metrics)
-        if step % config.log_every == 0 or step == s1.steps:
-            log.scalars(1, step, metrics)
-        if step % config.checkpoint_every == 0 or step == s1.steps:
-            checkpoints.save(step, {"embedding": state})
-        if config.sample.every and step % config.sample.every == 0 and step < s1.steps:
-            samples.append(sample_grid("stage1", step, state.embeds[0], frozen["unet"]))
-        if stopped(step, {"embedding": state}):
-            return None
-    learned = state.embeds[0]  # [V, D]
-    outputs_embeds = export.save_learned_embeds(
-        workdir / "learned_embeds.safetensors", config.concept.placeholder, np.asarray(learned)
-    )
-    if start <= s1.steps:
-        samples.append(sample_grid("stage1", s1.steps, learned, frozen["unet"]))
-
-    # --- Stage 2: the U-Net, embedding frozen ------------------------------------------------
-    unet_folder = None
-    if s2.steps:
-        if unet_state is None:
-            unet_state = init_unet_state(frozen["unet"], config.seed, unet_optimizer)
-        # The caption's encoding is constant in stage 2: computed once.
-        encode = functools.partial(caption_context, models.text_encoder, tuple(placeholder_ids))
-        context = jax.jit(encode)(models.params["text"], jnp.asarray(caption), learned)  # [T, D]
-        stage2_step = shard_stage2_step(
-            mesh, unet=models.unet, optimizer=unet_optimizer, batch_size=s2.batch_size,
-            min_snr_gamma=s1.min_snr_gamma or None,
-        )
-        while step < total_steps:
-            unet_state, metrics = stage2_step(unet_state, data, context, models.schedule)
-            step += 1
-            metrics = jax.device_get(metrics)
-            guard(2, step, metrics)
-            if step % config.log_every == 0 or step == total_steps:
-                log.scalars(2, step, metrics)
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                checkpoints.save(step, {"embedding": state, "unet": unet_state})
-            if config.sample.every and step % config.sample.every == 0 and step < total_steps:
-                samples.append(sample_grid("stage2", step, learned, unet_state.params))
-            if stopped(step, {"embedding": state, "unet": unet_state}):
-                return None
-        samples.append(sample_grid("stage2", total_steps, learned, unet_state.params))
-        unet_folder = export.export_unet(workdir, models.unet, unet_state.params)
-
-    # --- Finish: wait for checkpoints, write the rest, say where everything is ---------------
-    checkpoints.close()
-    log.close()
-    stop.close()
-    # A1111 and ComfyUI take the prompt word from the file name.
-    (workdir / "a1111").mkdir(exist_ok=True)
-    a1111 = export.save_a1111_embedding(
-        workdir / "a1111" / f"{_file_stem(config.concept.name)}.safetensors",
-        config.concept.name, np.asarray(learned), step=s1.steps,
-    )
-    outputs = RunOutputs(
-        workdir=workdir, learned_embeds=outputs_embeds, a1111_embedding=a1111, unet=unet_folder,
-        samples=samples, loss_curves=plot_loss_curves(log.path, workdir / "loss_curves.png"),
-        checkpoints=workdir / "checkpoints", metrics=log.path,
-    )
+    if not finished:
+        return None
+    outputs = _run_outputs(workdir, config)
     print(summary(outputs))
     return outputs
 
 
-def _file_stem(placeholder: str) -> str:
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in placeholder).strip("_")
-    return stem or "concept"
-
-
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+def _run_outputs(workdir: Path, config: ml_collections.ConfigDict) -> RunOutputs:
+    unet = workdir / "unet"
+    return RunOutputs(
+        workdir=workdir,
+        learned_embeds=workdir / export.LEARNED_EMBEDS_NAME,
+        a1111_embedding=workdir / "a1111" / f"{export.file_stem(config.concept.name)}.safetensors",
+        unet=unet if unet.is_dir() else None,
+        samples=sorted((workdir / "samples").glob("*.png")),
+        loss_curves=(workdir / "loss_curves.png") if (workdir / "loss_curves.png").is_file()
+        else None,
+        checkpoints=workdir / "checkpoints",
+        metrics=workdir / "metrics.jsonl",
+    )
 
 
 def summary(outputs: RunOutputs) -> str:
     rows = [
         ("learned embedding (diffusers)", outputs.learned_embeds),
         ("A1111 / ComfyUI embedding", outputs.a1111_embedding),
-        ("stage-2 U-Net (diffusers)", outputs.unet or "skipped (stage2.steps = 0)"),
+        ("U-Net (diffusers)", outputs.unet or "not trained"),
         ("sample grids", outputs.samples[-1] if outputs.samples else "none"),
         ("loss curves", outputs.loss_curves or "none"),
         ("metrics", outputs.metrics),
@@ -382,3 +619,4 @@ def summary(outputs: RunOutputs) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"done: {outputs.workdir}"] + [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+

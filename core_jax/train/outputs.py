@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from core_jax import export, weights
+from core_jax.config import migrate
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError
 from core_jax.sample import Pipeline, generate
@@ -25,7 +27,10 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     if not path.is_file():
         raise InputError(f"{workdir} is not a core-jax run (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(migrate(json.loads(path.read_text())))
+    except ValueError as err:
+        raise InputError(f"cannot read {path}: {err}") from err
 
 
 def latest_checkpoint(workdir: Path) -> tuple[int, dict[str, Any]]:
@@ -79,7 +84,7 @@ def sample_run(
         _, learned = export.load_learned_embeds(embeds_path)
     else:  # a run still in stage 1 (or stopped): its newest checkpoint
         _, items = latest_checkpoint(workdir)
-        learned = np.asarray(items["embedding"]["embeds"][0])
+        learned = checkpoint_params(items)["embeds"]
     models = run_setup.load_models(config)
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
@@ -103,24 +108,30 @@ def sample_run(
     return save_image_grid(images, out, nrow=num_images)
 
 
+def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameter groups (its one concept) from a checkpoint's items; checkpoints of
+    core-jax before config version 2 held "embedding" and "unet" states instead."""
+    if "state" in items:
+        return {group: jax.tree.map(lambda x: np.asarray(x[0]), tree)
+                for group, tree in items["state"]["params"].items()}
+    params = {"embeds": np.asarray(items["embedding"]["embeds"][0])}
+    if "unet" in items:
+        params["unet"] = items["unet"]["params"]
+    return params
+
+
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
     out.mkdir(parents=True, exist_ok=True)
     step, items = latest_checkpoint(workdir)
-    learned = np.asarray(items["embedding"]["embeds"][0])
-    written = [
-        export.save_learned_embeds(
-            out / "learned_embeds.safetensors", config.concept.placeholder, learned
-        ),
-    ]
-    (out / "a1111").mkdir(exist_ok=True)
-    written.append(export.save_a1111_embedding(
-        out / "a1111" / f"{config.concept.name}.safetensors", config.concept.name, learned,
-        step=min(step, config.stage1.steps),
-    ))
-    if "unet" in items:
-        models = run_setup.load_models(config)
-        written.append(export.export_unet(out, models.unet, items["unet"]["params"]))
-    return written
+    params = checkpoint_params(items)
+    unet = None
+    if "unet" in params:
+        unet = (run_setup.load_models(config).unet, params["unet"])
+    written = export.export_concept(
+        out, name=config.concept.name, placeholder=config.concept.placeholder,
+        vectors=params["embeds"], unet=unet, step=step,
+    )
+    return list(written.values())

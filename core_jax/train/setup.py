@@ -37,9 +37,8 @@ from core_jax.text import (
     super_category_ids,
     tokenize,
 )
-from core_jax.toyworld import world as toy_world
+from core_jax.train.stages import check_stage, stage_names
 
-VARIANTS = ("paper", "code")  # of stage1.emb_variant and stage1.attn_variant
 DTYPES = ("float32", "bfloat16", "float16")
 # Integer settings and their smallest sensible value; below it a run divides by zero, draws
 # from an empty pool or never samples.
@@ -148,21 +147,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key, minimum in MINIMUMS.items():
         if _value(config, key) < minimum:
             raise InputError(f"{key} is {_value(config, key)}; it must be at least {minimum}")
-    for key in ("stage1.learning_rate", "stage2.learning_rate"):
-        value = _value(config, key)
+    stages = stage_names(config)
+    for stage in stages:
+        check_stage(stage, config[stage])
+        value = config[stage].learning_rate
         if not (math.isfinite(value) and value > 0):
-            raise InputError(f"{key} is {value}; it must be a positive number")
+            raise InputError(f"{stage}.learning_rate is {value}; it must be a positive number")
     for key in ("data.rotate_p", "data.flip_p"):
         if not 0 <= _value(config, key) <= 1:
             raise InputError(f"{key} is {_value(config, key)}; a probability is between 0 and 1")
-    for key in ("stage1.lambda_emb", "stage1.lambda_attn", "stage1.lambda_pairwise",
-                "stage1.lambda_hinge"):
-        if not _value(config, key) >= 0:  # also catches NaN
-            raise InputError(f"{key} is {_value(config, key)}; a loss weight cannot be negative")
-    choices = {
-        "stage1.emb_variant": VARIANTS, "stage1.attn_variant": VARIANTS,
-        "sample.sampler": SAMPLERS, "model.dtype": DTYPES,
-    }
+    choices = {"sample.sampler": SAMPLERS, "model.dtype": DTYPES}
     if not config.model.path:
         choices["model.preset"] = tuple(PRESETS)
     for key, allowed in choices.items():
@@ -175,15 +169,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "concept.super_category is empty: set it to the word for what the concept is, "
             "e.g. --config.concept.super_category=dog"
         )
-    devices = jax.device_count()
-    stages = ("stage1", "stage2") if config.stage2.steps else ("stage1",)
-    for stage in stages:
-        batch = config[stage].batch_size
-        if batch % devices:
-            raise InputError(
-                f"{stage}.batch_size {batch} does not split over the {devices} devices; make it "
-                f"a multiple of {devices}"
-            )
     if not config.sample.prompts:
         raise InputError("sample.prompts is empty; give at least one prompt with a '{}'")
     for prompt in (config.concept.caption, *config.sample.prompts):
@@ -201,18 +186,7 @@ def check_resolution(config: ml_collections.ConfigDict, models: Models) -> None:
 
 
 def concept_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
-    source = config.concept.images
-    if not source:
-        raise InputError("no concept images: set --config.concept.images to a folder of photos")
-    if source.startswith("builtin:"):
-        return image_data.builtin_concept(source.removeprefix("builtin:"))
-    if source.startswith("toyworld:"):  # "toyworld:green dotted star": rendered, seeded
-        try:
-            identity = toy_world.identity_from_words(source.removeprefix("toyworld:"))
-        except ValueError as err:
-            raise InputError(f"concept.images: {err}") from err
-        return toy_world.concept_images(identity, size=config.data.resolution, seed=config.seed)
-    return image_data.load_concept_images(source, min_size=config.data.resolution)
+    return image_data.concept_images(config.concept.images, config.data.resolution, config.seed)
 
 
 def concept_templates(config: ml_collections.ConfigDict) -> tuple[str, ...]:

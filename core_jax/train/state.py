@@ -1,4 +1,4 @@
-"""What a stage-1 run carries from step to step, and the constant per-concept data it reads.
+"""What a stage carries from step to step, and the constant per-concept data it reads.
 
 Every array has a leading concept axis C (C = 1 for an ordinary run), so the whole state and the
 concept data shard over a `concept` mesh axis with one PartitionSpec.
@@ -11,25 +11,25 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 
 @flax.struct.dataclass
-class EmbeddingState:
-    """Stage-1 train state: only the learned vectors and their optimizer state."""
+class TrainState:
+    """A stage's train state. `params` holds every parameter group the run has so far (the
+    learned vectors "embeds" [C, V, D], a U-Net copy "unet", ...); the stage trains some of them
+    and reads the rest."""
 
-    step: jax.Array  # [C] int32, optimizer steps taken (identical across concepts)
-    embeds: jax.Array  # [C, V, D] learned vectors, fp32
-    opt_state: Any  # optax state, each leaf with a leading [C]
-    ref_norm: jax.Array  # [C, V] norms recorded when the rescale window opens
-    rng: jax.Array  # [C, 2] uint32 raw keys: each concept's randomness is its own
+    step: jax.Array  # [C] int32, optimizer steps taken in this stage
+    params: dict[str, Any]  # group -> pytree, each leaf [C, ...]
+    opt_state: Any  # the optimizer's state of the trained groups, each leaf [C, ...]
+    carry: dict[str, Any]  # hooks' carried values by hook name, each leaf [C, ...]
+    rng: jax.Array  # [C, 2] uint32 raw keys: each concept's (and stage's) own stream
     nonfinite_streak: jax.Array  # [C] int32 consecutive skipped (non-finite) steps
 
 
 @flax.struct.dataclass
 class ConceptData:
-    """Constant per-concept inputs of the stage-1 step (computed once before training)."""
+    """Constant per-concept inputs of the step (computed once before training)."""
 
     latent_mean: jax.Array  # [C, P, h, w, 4] pool of encoded views, already scaled
     latent_std: jax.Array  # [C, P, h, w, 4]
@@ -42,33 +42,12 @@ class ConceptData:
     super_embed: jax.Array  # [C, D] input embedding of the super-category word
 
 
-@flax.struct.dataclass
-class ConceptHypers:
-    """Per-concept numbers a sweep may vary without recompiling: each is [C] float32."""
+def stage_keys(seeds: list[int], stage: int) -> jax.Array:
+    """[C, 2] raw keys of a stage: stage 0 uses the seed's key itself, later stages a key
+    folded from it, so no stage redraws another's noise, timesteps or views."""
 
-    learning_rate: jax.Array
-    lambda_emb: jax.Array
-    lambda_attn: jax.Array
-    lambda_pairwise: jax.Array
-    lambda_hinge: jax.Array
-    hinge_margin: jax.Array
+    def one(seed: int) -> jax.Array:
+        key = jax.random.PRNGKey(int(seed))
+        return key if stage == 0 else jax.random.fold_in(key, stage)
 
-    @classmethod
-    def broadcast(cls, num_concepts: int, **values: float) -> ConceptHypers:
-        return cls(**{k: jnp.full((num_concepts,), v, jnp.float32) for k, v in values.items()})
-
-
-def init_embedding_state(
-    init_embeds: jax.Array, seeds: np.ndarray | list[int], optimizer: optax.GradientTransformation
-) -> EmbeddingState:
-    """State for C concepts from their initial vectors [C, V, D] and integer seeds [C]."""
-    init_embeds = jnp.asarray(init_embeds, jnp.float32)
-    num_concepts, num_vectors, _ = init_embeds.shape
-    return EmbeddingState(
-        step=jnp.zeros((num_concepts,), jnp.int32),
-        embeds=init_embeds,
-        opt_state=jax.vmap(optimizer.init)(init_embeds),
-        ref_norm=jnp.linalg.norm(init_embeds, axis=-1),
-        rng=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]),
-        nonfinite_streak=jnp.zeros((num_concepts,), jnp.int32),
-    )
+    return jnp.stack([one(s) for s in seeds])

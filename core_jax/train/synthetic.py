@@ -2,18 +2,20 @@
 
 Real runs build the same pieces from a model folder and photos (`core_jax.train.loop`); this
 builds them from a named preset shape, so nothing is downloaded and every size is controlled.
+The program comes from the same `build_program` the loop uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 
+from core_jax.config import STAGE1_METHODS, stage_config
 from core_jax.diffusion import NoiseSchedule, make_schedule
 from core_jax.models.presets import get_preset, random_models
 from core_jax.models.unet import UNetConfig
@@ -25,53 +27,46 @@ from core_jax.text import (
     placeholder_string,
 )
 from core_jax.train.concepts import ConceptSpec, build_concept_data
-from core_jax.train.state import ConceptData, ConceptHypers, EmbeddingState, init_embedding_state
-from core_jax.train.step import Stage1Config, make_optimizer
+from core_jax.train.passes import StepModels
+from core_jax.train.stages import build_program, stage_numbers, stage_params
+from core_jax.train.state import ConceptData, TrainState, stage_keys
+from core_jax.train.step import Numbers, StageProgram, init_state
 
-CORE_WEIGHTS = dict(
-    learning_rate=5e-3, lambda_emb=1.5e-4, lambda_attn=0.05, lambda_pairwise=0.0,
-    lambda_hinge=0.0, hinge_margin=0.5,
-)
 _SUPER_CATEGORIES = ("cat", "dog", "teddy bear", "cup", "backpack", "vase", "person", "car")
 
 
 @dataclasses.dataclass
-class Stage1Setup:
+class Setup:
     text_encoder: nn.Module
     unet: nn.Module
     frozen: dict[str, Any]
     data: ConceptData
-    hypers: ConceptHypers
-    state: EmbeddingState
-    config: Stage1Config
-    optimizer: optax.GradientTransformation
+    numbers: Numbers
+    state: TrainState
+    program: StageProgram
     schedule: NoiseSchedule
 
-    def step_kwargs(self) -> dict[str, Any]:
-        return dict(
-            text_encoder=self.text_encoder, unet=self.unet, optimizer=self.optimizer,
-            config=self.config,
-        )
-
     def args(self) -> tuple:
-        return (self.state, self.data, self.hypers, self.frozen, self.schedule)
+        return (self.state, self.data, self.numbers, self.frozen, self.schedule)
 
 
-def random_stage1_setup(
+def random_setup(
     preset: str = "tiny",
     num_concepts: int = 1,
-    batch_size: int = 2,
     num_vectors: int = 1,
     num_templates: int = 8,
     pool_size: int = 4,
     seed: int = 0,
     unet_overrides: dict[str, Any] | None = None,
-    weights: dict[str, float] | None = None,
     dtype: str = "float32",
-    **config: Any,
-) -> Stage1Setup:
+    methods: Sequence[str] = STAGE1_METHODS,
+    per_run: Sequence[dict[str, Any]] | None = None,
+    **stage: Any,
+) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
-    inanimate templates) on random-weight models of `preset`; `config` sets Stage1Config fields."""
+    inanimate templates) on random-weight models of `preset`. `stage` sets keys of the stage's
+    config (`stage_config(methods, **stage)`: batch_size, weights, variants, ...); `per_run[c]`
+    overrides keys for concept c (its numbers, say)."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
@@ -99,19 +94,25 @@ def random_stage1_setup(
     data = build_concept_data(
         tokenizer, models.text_encoder, models.params["text"], text, specs, pools
     )
-    optimizer = make_optimizer()
-    init = jnp.repeat(data.super_embed[:, None], num_vectors, axis=1)
-    return Stage1Setup(
+    stages = []
+    for c in range(num_concepts):
+        values = {**stage, **((per_run or [{}] * num_concepts)[c])}
+        stages.append(stage_config(methods, **values))
+    step_models = StepModels(
+        models.text_encoder, models.unet,
+        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids),
+    )
+    schedule = make_schedule()
+    program = build_program(stages, step_models, schedule.prediction_type)
+    frozen = {"text": models.params["text"], "unet": models.params["unet"]}
+    params = stage_params([program], 0, {}, data, frozen, num_vectors)
+    return Setup(
         text_encoder=models.text_encoder,
         unet=models.unet,
-        frozen={"text": models.params["text"], "unet": models.params["unet"]},
+        frozen=frozen,
         data=data,
-        hypers=ConceptHypers.broadcast(num_concepts, **{**CORE_WEIGHTS, **(weights or {})}),
-        state=init_embedding_state(init, [s.seed for s in specs], optimizer),
-        config=Stage1Config(
-            batch_size=batch_size, caption_ids=tuple(int(i) for i in caption_ids(tokenizer, text)),
-            placeholder_ids=tuple(placeholder_ids), **config,
-        ),
-        optimizer=optimizer,
-        schedule=make_schedule(),
+        numbers=stage_numbers(stages),
+        state=init_state(program, params, stage_keys([s.seed for s in specs], 0)),
+        program=program,
+        schedule=schedule,
     )

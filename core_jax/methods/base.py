@@ -1,0 +1,76 @@
+"""What a method is: data plus a few small pure functions (shared/DESIGN.md, "A method,
+concretely"). The step skeleton (`core_jax.train.step`) never names a method: it asks the
+stage's methods for their trainable groups, terms and hooks, computes the inputs the terms read
+once, sums the weighted terms and updates.
+
+A term is written for ONE concept: `fn(*inputs, numbers)` -> a scalar, where each input is that
+concept's slice of a shared computation (`core_jax.train.passes.COMPUTATIONS` lists them and
+their shapes) and `numbers` holds that concept's per-run numbers (weights, margins, ...). The
+step vmaps it over the packed concepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+Numbers = Mapping[str, jax.Array]  # one concept's per-run numbers, each a scalar
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a method's terms and hooks may read when the program is built (static: a change
+    compiles anew): its stage's config values and facts of the model."""
+
+    stage: Mapping[str, Any]  # the stage's config (stage1, stage2, ...), values as plain Python
+    prediction_type: str = "epsilon"
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One loss term. Terms of the same name within a stage are one term (the diffusion loss
+    of two methods is computed and counted once)."""
+
+    name: str  # its key in the metrics
+    inputs: tuple[str, ...]  # shared computations it reads, in `fn`'s argument order
+    fn: Callable[..., jax.Array]  # (*inputs, numbers) -> scalar, for one concept
+    weight: str | None = None  # the per-run number that scales it; None: weight 1, always on
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """A transform of one concept's parameters after each update (CoRe's norm hold), with a
+    value it carries from step to step (stored in the train state and checkpointed)."""
+
+    name: str
+    init: Callable[[dict[str, jax.Array]], Any]  # params -> carry, at the stage's start
+    # (params, carry, step after the update, numbers) -> (params, carry)
+    apply: Callable[[dict[str, jax.Array], Any, jax.Array, Numbers], tuple[dict, Any]]
+
+
+def _none(settings: Settings) -> tuple:
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method as the stages use it. Its config keys live in the config of the stage that lists
+    it (`stage1.methods = ("textual_inversion", "core")` reads `stage1.lambda_emb`, ...)."""
+
+    name: str
+    summary: str  # one line for `core-jax methods`
+    defaults: Mapping[str, Any]  # the config keys it reads, with their defaults
+    source: str = ""  # where the defaults come from (paper, code, METHODS.md)
+    # Of those keys, the per-run numbers: a sweep varies them without compiling anew.
+    numbers: tuple[str, ...] = ()
+    # Of its string keys, the allowed values.
+    choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Parameter groups it trains, each with the key of its learning rate.
+    trains: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Groups that must be trained by some method of the same stage for this one to make sense.
+    needs_trained: tuple[str, ...] = ()
+    terms: Callable[[Settings], tuple[Term, ...]] = _none
+    hooks: Callable[[Settings], tuple[Hook, ...]] = _none

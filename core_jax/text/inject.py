@@ -1,0 +1,53 @@
+"""The learned vectors of S* enter the text encoder here, and only here: the training step, the
+sampler and the exports' checks all encode through `encode_with_learned`.
+
+The vectors live outside the vocabulary (DESIGN.md, performance principle 1): the placeholder
+tokens have ids beyond the frozen table, and their positions take the learned vectors instead
+of a table row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+
+def placeholder_slots(ids: Any, placeholder_ids: Sequence[int]) -> tuple[Any, Any]:
+    """Which positions of ``ids`` are placeholders, and which of the V vectors each one takes.
+
+    Returns (mask, slot), both shaped like ids: mask is bool, slot is int32 in [0, V), 0 where
+    mask is False so it is always a valid gather index. NumPy in, NumPy out (prompts prepared on
+    the host); traced arrays in, traced arrays out (inside a step).
+    """
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    hits = ids[..., None] == xp.asarray(placeholder_ids, dtype=ids.dtype)
+    return hits.any(-1), hits.argmax(-1).astype(xp.int32)
+
+
+def encode_with_learned(
+    text_encoder: nn.Module,
+    text_params: Any,
+    ids: jax.Array,
+    learned: jax.Array | None,
+    slots: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """Last hidden state [R, T, D] of ids [R, T] with the learned vectors injected.
+
+    `learned` is [V, D] (every row's concept) or [R, V, D] (a concept per row); `slots` is
+    `placeholder_slots(ids, placeholder_ids)`. Without learned vectors the ids are encoded as
+    they are.
+    """
+    if learned is None:
+        return text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    mask, slot = slots
+    if learned.ndim == 2:
+        learned = jnp.broadcast_to(learned, (ids.shape[0],) + learned.shape)
+    vectors = jnp.take_along_axis(learned, slot[..., None], axis=1)  # [R, T, D]
+    return text_encoder.apply(
+        {"params": text_params}, ids, inject_embeds=vectors, inject_mask=mask
+    ).last_hidden_state

@@ -1,0 +1,278 @@
+"""The shared computations of a step, each computed at most once and only when a term reads it.
+
+A term names its inputs (`Term.inputs`); the step builds a `Passes` and hands each term the
+per-concept slices of what it named. What no present term names never enters the graph. Every
+value has a leading concept axis [C_l] (the local concepts); rows of a concept are its local
+batch rows [b_l].
+
+| name | shape | what |
+|---|---|---|
+| embeds | [C, V, D] | the learned vectors |
+| super_embed | [C, D] | input embedding of the super-category word |
+| target | [C, b, h, w, c] | the denoising target (epsilon or v) |
+| snr | [C, b] | signal-to-noise ratio of each row's timestep |
+| caption_hidden | [C, T, D] | encoder output for the caption ("a photo of a S*") |
+| obj_hidden | [C, T, D] | encoder output for the step's y* (a template filled with S*) |
+| obj_aligned / cat_aligned | [C, T, D] | y* / y_cat encodings at aligned context positions |
+| context_mask | [C, T] | which aligned positions are context tokens |
+| caption_pred | [C, b, h, w, c] | the U-Net's prediction with the caption |
+| obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
+| data_shards | [C] | how many devices split the rows (for batch sums) |
+
+The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
+Where a stage trains each run's own U-Net ("unet" in the params), U-Net calls are vmapped over
+concepts; otherwise all rows go through the one frozen U-Net in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
+from core_jax.models.unet import cross_attention_stats
+from core_jax.text import encode_with_learned, placeholder_slots
+from core_jax.train.state import ConceptData
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModels:
+    """The modules and token ids a program is built around (static)."""
+
+    text_encoder: nn.Module
+    unet: nn.Module
+    caption_ids: tuple[int, ...]  # [T] "a photo of a S*"
+    placeholder_ids: tuple[int, ...]  # [V] ids of the V placeholder tokens
+
+
+@flax.struct.dataclass
+class Batch:
+    """What one step draws; rows are concept-major (B = C_l * b_l)."""
+
+    x0: jax.Array  # [B, h, w, c] scaled latents sampled from the view pool
+    noise: jax.Array  # [B, h, w, c]
+    timesteps: jax.Array  # [B] int32
+    template: jax.Array  # [C_l] index of each concept's regularization template
+
+
+def _row_noise(
+    key: jax.Array, rows: jax.Array, pool_size: int, latent_shape: tuple[int, ...], num_t: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(view index, latent eps, timestep, diffusion noise) for global row indices rows [b_l]."""
+
+    def one(row: jax.Array) -> tuple[jax.Array, ...]:
+        k_view, k_latent, k_t, k_noise = jax.random.split(jax.random.fold_in(key, row), 4)
+        return (
+            jax.random.randint(k_view, (), 0, pool_size),
+            jax.random.normal(k_latent, latent_shape),
+            jax.random.randint(k_t, (), 0, num_t),
+            jax.random.normal(k_noise, latent_shape),
+        )
+
+    return jax.vmap(one)(rows)
+
+
+def draw_batch(
+    rng: jax.Array, step: jax.Array, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array
+) -> Batch:
+    """A step's randomness: per concept from its own key rng [C_l, 2] and step [C_l], per row
+    from its global index in `rows` [b_l], so any split over devices draws the same numbers."""
+    keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(rng, step)
+    template_keys, row_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+    pool_size, latent_shape = data.latent_mean.shape[1], data.latent_mean.shape[2:]
+    view, latent_eps, timesteps, noise = jax.vmap(
+        lambda k: _row_noise(k, rows, pool_size, latent_shape, schedule.num_train_timesteps)
+    )(row_keys)  # [C_l, b_l], [C_l, b_l, h, w, c], [C_l, b_l], [C_l, b_l, h, w, c]
+
+    def take_rows(pool: jax.Array) -> jax.Array:
+        return jax.vmap(lambda p, v: p[v])(pool, view)
+
+    x0 = take_rows(data.latent_mean) + take_rows(data.latent_std) * latent_eps
+    template = jax.vmap(lambda k, n: jax.random.randint(k, (), 0, n))(
+        template_keys, data.num_templates
+    )
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    return Batch(flat(x0), flat(noise), flat(timesteps), template)
+
+
+# What each computation needs computed first (beyond the batch and the constants).
+_DEPENDS = {
+    "obj_aligned": ("obj_hidden",),
+    "caption_pred": ("caption_hidden",),
+    "obj_stats": ("obj_hidden",),
+}
+
+
+def closure(names: set[str]) -> frozenset[str]:
+    """`names` and everything they are computed from."""
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in COMPUTATIONS:
+            known = ", ".join(sorted(COMPUTATIONS))
+            raise KeyError(f"no shared computation {name!r}; known: {known}")
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_DEPENDS.get(name, ()))
+    return frozenset(needed)
+
+
+class Passes:
+    """The step's shared computations for the local concepts; `passes[name]` computes on first
+    use. `needs` (the closure of what the present terms read) lets computations that can share a
+    call (caption and y* through one encoder call, one U-Net call) do so."""
+
+    def __init__(
+        self, params: dict[str, Any], frozen: dict[str, Any], batch: Batch, data: ConceptData,
+        schedule: NoiseSchedule, models: StepModels, needs: frozenset[str], data_shards: int,
+    ):
+        self.params, self.frozen, self.batch, self.data = params, frozen, batch, data
+        self.schedule, self.models, self.needs = schedule, models, needs
+        self.data_shards = data_shards
+        self.num_concepts = batch.template.shape[0]
+        self.rows = batch.timesteps.shape[0] // self.num_concepts  # b_l
+        self._values: dict[str, jax.Array] = {}
+        self._x_t: jax.Array | None = None
+
+    def __getitem__(self, name: str) -> jax.Array:
+        if name not in self._values:
+            COMPUTATIONS[name](self)
+        return self._values[name]
+
+    def per_concept(self, a: jax.Array) -> jax.Array:
+        """[B, ...] -> [C_l, b_l, ...]."""
+        return a.reshape((self.num_concepts, self.rows) + a.shape[1:])
+
+    def pick(self, table: jax.Array) -> jax.Array:
+        """Each concept's row of a per-template table [C_l, N, ...] for this step's template."""
+        return jax.vmap(lambda t, i: t[i])(table, self.batch.template)
+
+    @property
+    def x_t(self) -> jax.Array:  # [B, h, w, c]
+        if self._x_t is None:
+            b = self.batch
+            self._x_t = add_noise(self.schedule, b.x0, b.noise, b.timesteps)
+        return self._x_t
+
+    def unet(self, contexts: list[jax.Array], with_stats: bool) -> list[tuple]:
+        """The U-Net on this step's noisy latents, once per context [C_l, T, D] (every row of a
+        concept takes its concept's context), all in one call. Returns per context (prediction
+        [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
+        unet, b = self.models.unet, self.batch
+        n, rows, concepts = len(contexts), self.rows, self.num_concepts
+        x = self.per_concept(self.x_t)
+        t = self.per_concept(b.timesteps)
+        per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
+        mutable = ["attn_stats"] if with_stats else False
+
+        def apply(params: Any, x: jax.Array, t: jax.Array, ctx: jax.Array):
+            out = unet.apply({"params": params}, x, t, ctx, mutable=mutable)
+            return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
+
+        if "unet" in self.params:  # each concept's own U-Net: concept-major rows
+            pred, stats = jax.vmap(apply)(
+                self.params["unet"], jnp.concatenate([x] * n, axis=1),
+                jnp.concatenate([t] * n, axis=1), jnp.concatenate(per_row, axis=1),
+            )  # [C, n b, ...], [C, L, n b, T]
+            split = lambda a, k, axis: jax.lax.slice_in_dim(  # noqa: E731
+                a, k * rows, (k + 1) * rows, axis=axis)
+            return [(split(pred, k, 1), None if stats is None else split(stats, k, 2))
+                    for k in range(n)]
+        flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+        pred, stats = apply(
+            self.frozen["unet"], jnp.concatenate([flat(x)] * n), jnp.concatenate([flat(t)] * n),
+            jnp.concatenate([flat(c) for c in per_row]),
+        )  # [n B, ...], [L, n B, T]
+        size = concepts * rows
+        out = []
+        for k in range(n):
+            p = self.per_concept(pred[k * size:(k + 1) * size])
+            s = None
+            if stats is not None:
+                s = stats[:, k * size:(k + 1) * size]
+                s = s.reshape(s.shape[0], concepts, rows, -1).transpose(1, 0, 2, 3)
+            out.append((p, s))
+        return out
+
+
+def _aligned_stats(stats: jax.Array, index: jax.Array) -> jax.Array:
+    """[C, L, b, T] statistics at each concept's aligned context positions index [C, T]."""
+    return jnp.take_along_axis(stats, index[:, None, None, :], axis=-1)
+
+
+def _text(p: Passes) -> None:
+    """The caption and y* with the learned vectors, in one encoder call when both are needed."""
+    m = p.models
+    blocks = []
+    if "caption_hidden" in p.needs:
+        caption = jnp.asarray(m.caption_ids)
+        blocks.append(jnp.broadcast_to(caption, (p.num_concepts, len(m.caption_ids))))
+    if "obj_hidden" in p.needs:
+        blocks.append(p.pick(p.data.obj_ids))
+    ids = jnp.concatenate(blocks)  # [R, T]
+    learned = p.params.get("embeds")
+    if learned is not None:
+        learned = jnp.tile(learned, (len(blocks), 1, 1))  # [R, V, D]
+    slots = placeholder_slots(ids, m.placeholder_ids) if learned is not None else None
+    hidden = encode_with_learned(m.text_encoder, p.frozen["text"], ids, learned, slots)
+    names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
+    for k, name in enumerate(names):
+        p._values[name] = hidden[k * p.num_concepts:(k + 1) * p.num_concepts]
+
+
+def _unet_passes(p: Passes) -> None:
+    """The caption pass (diffusion) and the y* pass (attention statistics) share one call."""
+    names = [n for n in ("caption_pred", "obj_stats") if n in p.needs]
+    contexts = {"caption_pred": "caption_hidden", "obj_stats": "obj_hidden"}
+    results = p.unet([p[contexts[n]] for n in names], with_stats="obj_stats" in p.needs)
+    for name, (pred, stats) in zip(names, results, strict=True):
+        if name == "caption_pred":
+            p._values[name] = pred
+        else:
+            p._values[name] = _aligned_stats(stats, p.pick(p.data.obj_index))
+
+
+def _cat_stats(p: Passes) -> None:
+    """The y_cat pass: forward only, a constant target."""
+    [(_, stats)] = p.unet([p.pick(p.data.cat_hidden)], with_stats=True)
+    p._values["cat_stats"] = jax.lax.stop_gradient(
+        _aligned_stats(stats, p.pick(p.data.cat_index))
+    )
+
+
+def _set(name: str, fn: Callable[[Passes], jax.Array]) -> Callable[[Passes], None]:
+    def compute(p: Passes) -> None:
+        p._values[name] = fn(p)
+
+    return compute
+
+
+def _aligned(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(hidden, index[..., None], axis=1)
+
+
+COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
+    "embeds": _set("embeds", lambda p: p.params["embeds"]),
+    "super_embed": _set("super_embed", lambda p: p.data.super_embed),
+    "target": _set("target", lambda p: p.per_concept(training_target(
+        p.schedule, p.batch.x0, p.batch.noise, p.batch.timesteps))),
+    "snr": _set("snr", lambda p: p.per_concept(snr(p.schedule, p.batch.timesteps))),
+    "caption_hidden": _text,
+    "obj_hidden": _text,
+    "obj_aligned": _set("obj_aligned", lambda p: _aligned(p["obj_hidden"],
+                                                          p.pick(p.data.obj_index))),
+    "cat_aligned": _set("cat_aligned", lambda p: _aligned(p.pick(p.data.cat_hidden),
+                                                          p.pick(p.data.cat_index))),
+    "context_mask": _set("context_mask", lambda p: p.pick(p.data.context_mask)),
+    "caption_pred": _unet_passes,
+    "obj_stats": _unet_passes,
+    "cat_stats": _cat_stats,
+    "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
+                                                          jnp.float32)),
+}
