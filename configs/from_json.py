@@ -4,10 +4,11 @@ Command:
     core-jax train --config configs/from_json.py:runs/sweep_tiny/runs/<run>/config.json \\
         --workdir runs/<run>-alone
 
-Time: whatever the saved run took. What it should reach: the same result as the run it came
-from (a sweep run trained alone gives the sweep's learned vectors). A config.json written by an
-earlier core-jax is migrated to today's keys with the same meaning (`core_jax.config.migrate`);
-one from a newer core-jax is refused.
+Time: what the saved run took (a configs/tiny_cat.py run: about 3-4 minutes here).
+What it should reach: the same result as the run it came from (a sweep run trained alone
+gives the sweep's learned vectors). A config.json written by an earlier core-jax is migrated
+to today's keys with the same meaning (`core_jax.config.migrate`); one from a newer core-jax
+is refused.
 """
 
 import json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +21,45 @@ def load(path: Path):
     return module
 
 
+def _commands(doc: str) -> list[tuple[str, str]]:
+    """(command, config file) of every `core-jax <command> ... --config <file>` in a docstring,
+    continuation lines joined."""
+    text = doc.replace("\\\n", " ")
+    return re.findall(r"core-jax (\w+)[^\n]*?--config[ =](\S+)", text)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_loads_and_opens_with_documentation(path, tmp_path):
+def test_config_documents_itself_and_is_valid(path, tmp_path):
+    """The docstring gives a command that runs this very file, a time with a number, and what
+    it should reach; and the config passes the checks its command makes before any work."""
+    from core_jax.train import setup as run_setup
+    from core_jax.train.sweep import expand_runs
+
     module = load(path)
     doc = module.__doc__ or ""
-    assert "Command" in doc and "core-jax" in doc, "docstring must give the command"
-    assert "Time" in doc, "docstring must say how long it takes"
+    commands = _commands(doc)
+    assert commands, "docstring must give the command"
+    for _, named in commands:
+        assert Path(named.split(":")[0]).name == path.name, f"the command runs {named}"
+    assert re.search(r"^Time[^\n]*\d", doc, re.M), "docstring must say how long it takes"
+    assert re.search(r"^What (it should reach|to expect)", doc, re.M), "and what it reaches"
+    kind = commands[0][0]
     if path.name == "from_json.py":  # reruns a saved config: give it one
         saved = tmp_path / "config.json"
         saved.write_text(load(ROOT / "configs" / "tiny_cat.py").get_config().to_json())
-        assert module.get_config(str(saved)).concept.name == "chelsea"
+        config = module.get_config(str(saved))
+        assert config.concept.name == "chelsea"
     else:
-        module.get_config()
+        config = module.get_config()
+    if kind == "train":
+        # The paper configs leave the concept to the command line; give them one.
+        config.concept.super_category = config.concept.super_category or "teapot"
+        run_setup.check_config(config)
+    elif kind in ("sweep", "benchmark"):
+        runs = expand_runs(config, tmp_path)
+        assert runs
+        for run in runs:
+            run_setup.check_config(run.config)
 
 
 def test_paper_hyper_parameters():
@@ -43,8 +71,12 @@ def test_paper_hyper_parameters():
     assert (s1.rescale_start, s1.rescale_end) == (120, 180)
     assert (s2.steps, s2.batch_size, s2.learning_rate) == (1000, 4, 2e-6)
     assert c.concept.caption == "a photo of a {}" and c.data.resolution == 512
+    assert s1.methods == ("textual_inversion", "core", "pairwise", "hinge")
+    assert s1.lambda_pairwise == s1.lambda_hinge == 0  # the thesis terms are off in the paper
+    assert s2.methods == ("unet_finetune",)
     ti = load(ROOT / "configs" / "ti_sd15.py").get_config()
-    assert ti.stage1.lambda_emb == ti.stage1.lambda_attn == 0 and ti.stage2.steps == 0
+    assert ti.stage1.methods == ("textual_inversion",) and ti.stage2.steps == 0
+    assert (ti.stage1.steps, ti.stage1.batch_size, ti.stage1.learning_rate) == (300, 6, 5e-3)
 
 
 def test_misspelt_override_fails_naming_the_key(tmp_path):
