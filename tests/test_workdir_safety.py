@@ -595,6 +595,14 @@ def test_damaged_checkpoints_resume_to_the_uninterrupted_result(reference_run, t
     assert_same_result(workdir, reference_run)
     steps = [json.loads(ln)["step"] for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, TOTAL + 1))
+    # export reads the newest checkpoint through the same verification (and takes the lock).
+    exported = run_cli("export", "--workdir", str(workdir))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert not [ln for ln in exported.stderr.splitlines() if ln.startswith("core-jax")]
+    np.testing.assert_array_equal(
+        *(load_file(w / "learned_embeds.safetensors")["<s*>"] for w in (workdir / "export",
+                                                                      workdir))
+    )
 
     for step in sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()):
         flip(ckpt / str(step) / "embedding" / "_METADATA")
@@ -648,3 +656,42 @@ def test_license_is_an_spdx_string():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["license"] == "Apache-2.0"
     assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+MULTI_HOST = '''
+import os, sys
+import jax
+from jax.experimental import multihost_utils
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from core_jax.workdir_lock import WorkdirLocked, process_zero_lock
+try:
+    with process_zero_lock(sys.argv[3], "sweep") as lock:
+        print("held" if lock else "not the holder", flush=True)
+        multihost_utils.sync_global_devices("done")
+except WorkdirLocked as err:
+    print(f"refused: {err}", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_multi_host_lock_with_two_jax_processes(tmp_path):
+    """Two processes joined by jax.distributed: process 0 holds the lock, process 1 not; with
+    the workdir held elsewhere, both stop."""
+    workdir = tmp_path / "run"
+
+    def both() -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+        runs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, address, str(i),
+                                  str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, env=ENV, cwd=ROOT) for i in range(2)]
+        return [run.communicate(timeout=300)[0].strip() for run in runs]
+
+    assert both() == ["held", "not the holder"]
+    assert not lock_path(workdir).exists()
+    write_lock(workdir, host="node-7")
+    zero, one = both()
+    assert zero.startswith(f"refused: {workdir} is in use by core-jax train (pid ")
+    assert one == f"refused: process 0 could not lock {workdir}; see its output"

@@ -12,16 +12,20 @@ manager deletes such leftovers when it opens the folder (`tests/test_robustness.
 A step's files may also be damaged after they were written (a disk, a copy, a sync tool).
 OCDBT checksums cover the array data, nothing covers the rest (tree and array metadata, the
 step's own metadata), so every step carries `SHA256SUMS` (the format of `sha256sum`, so
-`sha256sum -c SHA256SUMS` checks one by hand): written in Orbax's background thread before the
-rename, so it covers every array and metadata file and is part of the atomic rename; the two
-files Orbax writes at the rename itself (`_CHECKPOINT_METADATA`, `commit_success.txt`) are
-added at the next save or at `close()`. Reading a step back verifies every file against it
-(`verify_step`); a step without a manifest (written by an older core-jax, or killed in the
-moment between Orbax's rename and the next save) is accepted if a trial restore reads it.
+`sha256sum -c SHA256SUMS` checks one by hand). It is written in Orbax's background thread
+before the rename, so it covers every array and metadata file and is part of the atomic rename;
+the two files Orbax writes at the rename itself (`_CHECKPOINT_METADATA`, `commit_success.txt`)
+are added at the next save or at `close()` (a run killed in between leaves those two unlisted:
+they are then not checked). Reading a step back verifies every file against it (`verify_step`);
+a step without a manifest (written by an older core-jax) is accepted if a trial restore reads
+it. Hashing costs about a second per GB: in the background when writing, before the restore
+when reading.
+
 `restore_newest_intact` walks the steps newest first, warns in one line about each damaged step
 it skips, sets it aside as `<step>.damaged` (kept, never read again) and resumes from the newest
-intact one; when every step is damaged it refuses in one line. docs/robustness.md lists the
-lines; tests/test_workdir_safety.py damages each kind of file.
+intact one; when every step is damaged it refuses in one line. `latest_step` does the same with
+the checksums alone. docs/robustness.md lists the lines; tests/test_workdir_safety.py damages
+each kind of file.
 """
 
 from __future__ import annotations
@@ -262,9 +266,13 @@ class RunCheckpoints:
         """Orbax's background thread, process 0, every process's files written, before the
         rename: the manifest becomes part of the step."""
         step = self._saving
+        if step is None:
+            return
         found = [p for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*") if p.is_dir()]
-        if step is None or len(found) != 1:
-            return  # not a layout we know: the step stays without a manifest
+        if not found and (self.directory / str(step)).is_dir():
+            found = [self.directory / str(step)]  # an Orbax that renames before the callback
+        if len(found) != 1:
+            return  # not a layout we know: the step stays without a manifest (tried on restore)
         write_manifest(found[0])
         self._unsealed.append(step)
 
