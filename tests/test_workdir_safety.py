@@ -51,10 +51,11 @@ HOST = socket.gethostname()
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
 
 
-def flip(path: Path, where: float = 0.5) -> None:
-    """Flip the bits of one byte of `path` (at `where` of its length)."""
+def flip(path: Path, where: float | int = 0.5) -> None:
+    """Flip the bits of one byte of `path`: at `where` of its length, or at byte `where`."""
     data = bytearray(path.read_bytes())
-    data[min(int(len(data) * where), len(data) - 1)] ^= 0xFF
+    index = where if isinstance(where, int) else int(len(data) * where)
+    data[min(index, len(data) - 1)] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
@@ -306,10 +307,14 @@ def test_damaged_newest_step_is_skipped_with_one_warning(kind, three_steps, tmp_
     `3.damaged`, and saves step 3 anew."""
     names = [n for n in files_of(three_steps / "3") if KINDS[kind](n)]
     assert names
-    for i, name in enumerate(names):
+    # The manifest's lines are `<64 hex digits>  <path>\n`: a digit, the separator, the path.
+    spots = [0, 64, 66, -1] if kind == "manifest" else [0.5]
+    cases = [(name, where) for name in names for where in spots]
+    for i, (name, where) in enumerate(cases):
         directory = tmp_path / f"copy{i}"
         shutil.copytree(three_steps, directory)
-        flip(directory / "3" / name)
+        path = directory / "3" / name
+        flip(path, where if where != -1 else path.stat().st_size - 1)
         found, lines = restore_newest(directory)
         assert found is not None and found[0] == 2, name
         assert_state(found[1], 2)
@@ -317,8 +322,9 @@ def test_damaged_newest_step_is_skipped_with_one_warning(kind, three_steps, tmp_
         assert len(ours) == 1, lines
         assert re.fullmatch(
             rf"core-jax: warning: checkpoint step 3 in {re.escape(str(directory))} is damaged "
-            r"\((\S+ does not match its checksum|\S+ is not in SHA256SUMS|SHA256SUMS is "
-            r"unreadable)\); resuming from step 2 \(kept as 3\.damaged\)", ours[0]), ours[0]
+            r"\((\S+ does not match its checksum|\S+ is missing|\S+ is not in SHA256SUMS|"
+            r"SHA256SUMS is unreadable)\); resuming from step 2 \(kept as 3\.damaged\)", ours[0]
+        ), ours[0]
         assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3.damaged"]
         checkpoints = RunCheckpoints(directory, keep=5, stage_ends=[])
         checkpoints.save(3, state(3))
@@ -687,7 +693,8 @@ def test_multi_host_lock_with_two_jax_processes(tmp_path):
         runs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, address, str(i),
                                   str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, env=ENV, cwd=ROOT) for i in range(2)]
-        return [run.communicate(timeout=300)[0].strip() for run in runs]
+        # The last line: gloo prints its connections on stdout.
+        return [run.communicate(timeout=300)[0].strip().splitlines()[-1] for run in runs]
 
     assert both() == ["held", "not the holder"]
     assert not lock_path(workdir).exists()
