@@ -79,6 +79,7 @@ from core_jax.toyworld.world import (
 
 Params = dict[str, Any]
 RESOLUTION = 32
+EARLY_EVALUATIONS = (250, 500)  # besides every eval_every steps: the start of the curve
 PRETRAINING_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT_SHAPE)
 
 TEXT_CONFIG = CLIPTextConfig(
@@ -537,7 +538,7 @@ def _pretrain_locked(
                                     "lr": float(lr(i)), "steps_per_hour": round(rate * 3600)})
                 log(f"step {i}/{config.steps}: loss {np.mean(losses[-100:]):.4f} "
                     f"lr {float(lr(i)):.2e} ({rate * 3600:.0f} steps/h)")
-            if i % eval_every == 0 or i == config.steps:
+            if i % eval_every == 0 or i in EARLY_EVALUATIONS or i == config.steps:
                 checkpoint("evaluation")
                 last_ckpt = time.time()
                 evaluate()
