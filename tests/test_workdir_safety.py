@@ -164,6 +164,8 @@ def test_lock_is_removed_on_signals(tmp_path, sig, code):
     holder.send_signal(getattr(signal, sig))
     assert holder.wait(timeout=30) == code  # SIGINT: KeyboardInterrupt, after the cleanup
     assert not lock_path(workdir).exists()
+    if sig == "SIGTERM":
+        assert holder.stderr.read() == "core-jax: terminated (SIGTERM)\n"
 
 
 def test_multi_host_process_zero_holds_the_lock(tmp_path, monkeypatch):
