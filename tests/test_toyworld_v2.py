@@ -4,7 +4,9 @@ compact vocabulary, learning-rate schedule, loss band, checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from collections import Counter
 
 import jax
@@ -12,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core_jax import weights
 from core_jax.models.pixel import coordinate_channels, is_pixel_space_unet, with_coordinates
 from core_jax.text import load_tokenizer, tokenize
-from core_jax.toyworld import model_v2
+from core_jax.toyworld import CLASSIFIER_PATH, model_v2
+from core_jax.toyworld import classifier as attribute_classifier
 from core_jax.toyworld.world import (
     COLOURS,
     HELD_OUT_SHAPE,
@@ -159,3 +163,44 @@ def test_checkpoint_round_trip_and_fallback(tmp_path):
     restored = model_v2.load_checkpoint(path, template)
     assert int(restored.step) == 7
     np.testing.assert_array_equal(np.asarray(restored.params["a"]), [0.0, 1.0, 2.0])
+
+
+TINY = model_v2.Architecture(
+    text=dataclasses.replace(model_v2.TEXT_CONFIG, hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
+    unet=dataclasses.replace(
+        model_v2.UNET_CONFIG, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=16, attention_head_dim=2,
+    ),
+)
+
+
+@pytest.mark.slow
+def test_pretraining_stops_resumes_and_exports(tmp_path):
+    """A tiny v2 run: stopped after its first step, resumed by the same call to the end, with
+    evaluations logged and the EMA model exported as a loadable 5-in, 3-out folder."""
+    config = model_v2.PretrainConfigV2(steps=4, decay_steps=2, warmup_steps=2, batch_size=4)
+    classifier_params = attribute_classifier.load_params(CLASSIFIER_PATH)
+    sets = model_v2.evaluation_sets(per_identity=1, seen=4)
+    run = tmp_path / "run"
+    common = dict(eval_every=2, architecture=TINY, eval_sets=sets, log=lambda _: None)
+    state = model_v2.pretrain(run, config, classifier_params, stop_after_s=1e-9, **common)
+    assert int(state.step) == 1
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 1
+    state = model_v2.pretrain(run, config, classifier_params, **common)
+    assert int(state.step) == 4
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 2, 4]
+    assert set(evals[-1]) >= {"test", "validation", "seen", "held_out"}
+    assert 0.0 <= evals[-1]["held_out"]["colour"] <= 1.0
+    folder = model_v2.export_checkpoint(run, tmp_path / "model", TINY)
+    unet, _ = weights.load_unet(folder)
+    assert (unet.config.in_channels, unet.config.out_channels) == (5, 3)
+    text_encoder, text_params = weights.load_text_encoder(folder)
+    table = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    assert table.shape == (49408, 16)
+    info = json.loads((folder / "toyworld.json").read_text())
+    assert len(info["held_out"]["test_identities"]) == 32
+    assert info["pretrain_v2"]["step"] == 4

@@ -99,6 +99,14 @@ UNET_CONFIG = UNetConfig(
 
 
 @dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The two networks' shapes (the text config with the full CLIP vocabulary)."""
+
+    text: CLIPTextConfig = TEXT_CONFIG
+    unet: UNetConfig = UNET_CONFIG
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainConfigV2:
     steps: int = 20000  # the end of the schedule; raise it on resume before the decay starts
     decay_steps: int = 4000  # linear decay to 0 over the last decay_steps
@@ -143,18 +151,22 @@ def compact_ids(vocabulary: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return index.astype(np.int32)
 
 
-def compact_text_config(vocabulary: np.ndarray) -> CLIPTextConfig:
+def compact_text_config(
+    vocabulary: np.ndarray, text_config: CLIPTextConfig = TEXT_CONFIG
+) -> CLIPTextConfig:
     return dataclasses.replace(
-        TEXT_CONFIG, vocab_size=len(vocabulary),
-        eos_token_id=int(compact_ids(vocabulary, np.array([TEXT_CONFIG.eos_token_id]))[0]),
+        text_config, vocab_size=len(vocabulary),
+        eos_token_id=int(compact_ids(vocabulary, np.array([text_config.eos_token_id]))[0]),
     )
 
 
-def full_text_params(compact: Params, vocabulary: np.ndarray) -> Params:
+def full_text_params(
+    compact: Params, vocabulary: np.ndarray, vocab_size: int = TEXT_CONFIG.vocab_size
+) -> Params:
     """The compact text encoder's weights with its token table written into a full CLIP table
     (rows of words outside the world zero)."""
     table = np.asarray(compact["text_model"]["embeddings"]["token_embedding"]["embedding"])
-    full = np.zeros((TEXT_CONFIG.vocab_size, table.shape[1]), table.dtype)
+    full = np.zeros((vocab_size, table.shape[1]), table.dtype)
     full[vocabulary] = table
     params = jax.tree.map(np.asarray, compact)
     params["text_model"]["embeddings"]["token_embedding"]["embedding"] = full
@@ -215,15 +227,16 @@ def make_optimizer(config: PretrainConfigV2) -> optax.GradientTransformation:
 
 
 def init_models(
-    seed: int, vocabulary: np.ndarray
+    seed: int, vocabulary: np.ndarray, architecture: Architecture = Architecture()
 ) -> tuple[CLIPTextModel, UNet2DConditionModel, Params]:
     """The compact-vocabulary text encoder, the U-Net and their initial weights."""
-    text_encoder = CLIPTextModel(compact_text_config(vocabulary))
-    unet = UNet2DConditionModel(UNET_CONFIG)
+    text_config, unet_config = architecture.text, architecture.unet
+    text_encoder = CLIPTextModel(compact_text_config(vocabulary, text_config))
+    unet = UNet2DConditionModel(unet_config)
     k_text, k_unet = jax.random.split(jax.random.key(seed))
-    ids = jnp.zeros((1, TEXT_CONFIG.max_position_embeddings), jnp.int32)
-    x = jnp.zeros((1, RESOLUTION, RESOLUTION, UNET_CONFIG.in_channels))
-    context = jnp.zeros((1, 1, TEXT_CONFIG.hidden_size))
+    ids = jnp.zeros((1, text_config.max_position_embeddings), jnp.int32)
+    x = jnp.zeros((1, RESOLUTION, RESOLUTION, unet_config.in_channels))
+    context = jnp.zeros((1, 1, text_config.hidden_size))
     params = {
         "text": text_encoder.init(k_text, ids)["params"],
         "unet": unet.init(k_unet, x, jnp.zeros((1,)), context)["params"],
@@ -386,7 +399,11 @@ def load_checkpoint(path: Path, template: TrainState) -> TrainState:
 
 
 def export(
-    folder: str | Path, params: Params, vocabulary: np.ndarray, info: dict[str, Any]
+    folder: str | Path,
+    params: Params,
+    vocabulary: np.ndarray,
+    info: dict[str, Any],
+    architecture: Architecture = Architecture(),
 ) -> Path:
     """A diffusers-style folder (text_encoder/ with the full CLIP table, unet/ with 5 input
     channels, tokenizer/, scheduler/, no vae/), weights in float16, and toyworld.json."""
@@ -394,9 +411,9 @@ def export(
     staging = folder.with_name(folder.name + ".staging")
     if staging.exists():
         shutil.rmtree(staging)
-    text_encoder = CLIPTextModel(TEXT_CONFIG)
-    unet = UNet2DConditionModel(UNET_CONFIG)
-    text = full_text_params(params["text"], vocabulary)
+    text_encoder = CLIPTextModel(architecture.text)
+    unet = UNet2DConditionModel(architecture.unet)
+    text = full_text_params(params["text"], vocabulary, architecture.text.vocab_size)
     _to_float16(weights.save_text_encoder(staging / "text_encoder", text_encoder, text)
                 / "model.safetensors")
     _to_float16(weights.save_unet(staging / "unet", unet, jax.device_get(params["unet"]))
@@ -441,6 +458,8 @@ def pretrain(
     checkpoint_every_s: float = 300.0,
     stop_after_s: float | None = None,
     log: Callable[[str], None] = print,
+    architecture: Architecture = Architecture(),
+    eval_sets: dict[str, Scenes] | None = None,
 ) -> TrainState:
     """Train into run_dir (resuming from its checkpoint if any) until config.steps; writes
     checkpoint.msgpack (+ .json), metrics.jsonl (loss every 100 steps, prompt following every
@@ -453,7 +472,8 @@ def pretrain(
         except BlockingIOError as error:
             raise RuntimeError(f"another process is training in {run_dir}") from error
         return _pretrain_locked(
-            run_dir, config, classifier_params, eval_every, checkpoint_every_s, stop_after_s, log
+            run_dir, config, classifier_params, eval_every, checkpoint_every_s, stop_after_s, log,
+            architecture, evaluation_sets() if eval_sets is None else eval_sets,
         )
 
 
@@ -465,10 +485,12 @@ def _pretrain_locked(
     checkpoint_every_s: float,
     stop_after_s: float | None,
     log: Callable[[str], None],
+    architecture: Architecture,
+    sets: dict[str, Scenes],
 ) -> TrainState:
     tokenizer = load_tokenizer()
     vocabulary = world_vocabulary(tokenizer)
-    text_encoder, unet, params = init_models(config.seed, vocabulary)
+    text_encoder, unet, params = init_models(config.seed, vocabulary, architecture)
     optimizer = make_optimizer(config)
     schedule = schedule_from_config(SCHEDULER_CONFIG)
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
@@ -486,7 +508,6 @@ def _pretrain_locked(
         functools.partial(_train_step, text_encoder, unet, optimizer, config), donate_argnums=0
     )
     sampler = Sampler(text_encoder, unet, schedule, tokenizer, vocabulary)
-    sets = evaluation_sets()
     base_key = jax.random.key(config.seed)
     metrics = run_dir / "metrics.jsonl"
     lr = learning_rate_schedule(config)
@@ -511,7 +532,7 @@ def _pretrain_locked(
             f"{a} {v:.3f}" for a, v in scores["held_out"].items()))
         export(run_dir / "model", state.ema, vocabulary,
                {"pretrain_v2": {**dataclasses.asdict(config), "step": step},
-                "prompt_following": scores})
+                "prompt_following": scores}, architecture)
 
     def batch_for(step: int):
         rng = np.random.default_rng([config.seed, step])
@@ -553,12 +574,14 @@ def _pretrain_locked(
     return state
 
 
-def export_checkpoint(run_dir: str | Path, folder: str | Path) -> Path:
+def export_checkpoint(
+    run_dir: str | Path, folder: str | Path, architecture: Architecture = Architecture()
+) -> Path:
     """The EMA weights of run_dir's checkpoint as a model folder (see `export`)."""
     run_dir = Path(run_dir)
     config = PretrainConfigV2(**json.loads((run_dir / "config.json").read_text()))
     vocabulary = world_vocabulary(load_tokenizer())
-    _, _, params = init_models(config.seed, vocabulary)
+    _, _, params = init_models(config.seed, vocabulary, architecture)
     optimizer = make_optimizer(config)
     template = TrainState(jnp.zeros((), jnp.int32), params, params, optimizer.init(params))
     state = load_checkpoint(run_dir / "checkpoint.msgpack", template)
@@ -569,4 +592,4 @@ def export_checkpoint(run_dir: str | Path, folder: str | Path) -> Path:
                  if r["kind"] == "eval" and r["step"] <= int(state.step)]
         if evals:
             info["prompt_following"] = evals[-1]
-    return export(folder, state.ema, vocabulary, info)
+    return export(folder, state.ema, vocabulary, info, architecture)
