@@ -539,7 +539,9 @@ def _pretrain_locked(
         return training_batch(rng, tokenizer, vocabulary, config)[:3]
 
     losses: list[float] = []
-    last_ckpt, t0, run_start = time.time(), time.perf_counter(), time.time()
+    # The rate counts training only: the window restarts after compiling, checkpoints and evals.
+    last_ckpt, run_start = time.time(), time.time()
+    window_start, window_steps = None, 0
     step0 = int(state.step)
     if step0 == 0:
         evaluate()
@@ -552,20 +554,27 @@ def _pretrain_locked(
             batch = batch_for(i + 1)  # drawn while the step runs
             losses.append(float(loss))
             i += 1
+            if window_start is None:  # the first step compiled
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                window_steps += 1
             if i % 100 == 0:
-                rate = len(losses) / (time.perf_counter() - t0)
+                rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
                 _log_line(metrics, {"step": i, "kind": "train", "time": time.time(),
                                     "loss": float(np.mean(losses[-100:])),
                                     "lr": float(lr(i)), "steps_per_hour": round(rate * 3600)})
                 log(f"step {i}/{config.steps}: loss {np.mean(losses[-100:]):.4f} "
                     f"lr {float(lr(i)):.2e} ({rate * 3600:.0f} steps/h)")
+                window_start, window_steps = time.perf_counter(), 0
             if i % eval_every == 0 or i in EARLY_EVALUATIONS or i == config.steps:
                 checkpoint("evaluation")
-                last_ckpt = time.time()
                 evaluate()
+                last_ckpt = time.time()
+                window_start, window_steps = time.perf_counter(), 0
             elif time.time() - last_ckpt > checkpoint_every_s:
                 checkpoint("timer")
                 last_ckpt = time.time()
+                window_start, window_steps = time.perf_counter(), 0
             if stopping or (stop_after_s and time.time() - run_start > stop_after_s):
                 checkpoint("stop requested")
                 break
