@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from core_jax.diffusion import NoiseSchedule
 from core_jax.methods import Hook, Term
 from core_jax.train.parallel import CONCEPT_AXIS, DATA_AXIS, jit_on_mesh
-from core_jax.train.passes import Passes, StepModels, closure, draw_batch
+from core_jax.train.passes import Batch, Passes, StepModels, closure, draw_batch
 from core_jax.train.state import ConceptData, TrainState
 
 Numbers = dict[str, jax.Array]  # per-run numbers of the packed concepts, each [C]
@@ -101,6 +101,30 @@ def _per_concept(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     return sum(fn(x.reshape(x.shape[0], -1)) for x in jax.tree.leaves(tree))
 
 
+def stage_loss(
+    trained: dict[str, Any],
+    params: dict[str, Any],
+    batch: Batch,
+    data: ConceptData,
+    numbers: Numbers,
+    frozen: dict[str, Any],
+    schedule: NoiseSchedule,
+    *,
+    program: StageProgram,
+    data_shards: int = 1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sum over local concepts of each one's weighted terms, and the terms and total per
+    concept [C_l]. `trained` are the groups the stage trains (what the gradient is taken of);
+    `params` the run's others."""
+    passes = Passes({**params, **trained}, frozen, batch, data, schedule, program.models,
+                    program.needs, data_shards)
+    values, total = {}, 0.0
+    for term in program.terms:
+        values[term.name], weighted = evaluate(term, passes, numbers)
+        total = total + weighted  # [C_l]
+    return jnp.sum(total), {**values, "loss": total}
+
+
 def train_step(
     state: TrainState,
     data: ConceptData,
@@ -118,17 +142,9 @@ def train_step(
     rows = jax.lax.axis_index(DATA_AXIS) * b_local + jnp.arange(b_local)
     batch = draw_batch(state.rng, state.step, data, schedule, rows)
     trained = {group: state.params[group] for group in program.trains}
-
-    def loss_fn(trained: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        params = {**state.params, **trained}
-        passes = Passes(params, frozen, batch, data, schedule, program.models, program.needs,
-                        n_data)
-        values, total = {}, 0.0
-        for term in program.terms:
-            values[term.name], weighted = evaluate(term, passes, numbers)
-            total = total + weighted  # [C_l]
-        return jnp.sum(total), {**values, "loss": total}
-
+    loss_fn = functools.partial(stage_loss, params=state.params, batch=batch, data=data,
+                                numbers=numbers, frozen=frozen, schedule=schedule,
+                                program=program, data_shards=n_data)
     grads, terms = jax.grad(loss_fn, has_aux=True)(trained)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     terms = jax.lax.pmean(terms, DATA_AXIS)
