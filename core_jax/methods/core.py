@@ -86,3 +86,5 @@ METHOD = Method(
     terms=_terms,
     hooks=_hooks,
 )
+
+METHODS = (METHOD,)

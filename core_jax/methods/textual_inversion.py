@@ -20,3 +20,5 @@ METHOD = Method(
     trains={"embeds": "learning_rate"},
     terms=_terms,
 )
+
+METHODS = (METHOD,)

@@ -47,3 +47,5 @@ HINGE = Method(
     needs_trained=("embeds",),
     terms=_hinge_terms,
 )
+
+METHODS = (PAIRWISE, HINGE)

@@ -19,3 +19,5 @@ METHOD = Method(
     trains={"unet": "learning_rate"},
     terms=_terms,
 )
+
+METHODS = (METHOD,)
