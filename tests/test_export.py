@@ -1,7 +1,11 @@
 """Exports other tools read: diffusers textual inversion, A1111/ComfyUI embeddings, U-Net folders.
 
 The interop checks load our files with diffusers itself (tiny random-weight pipeline, offline
-CLIP vocabulary) and compare against our Flax models at max-abs 1e-4 in fp32.
+CLIP vocabulary) and compare against our Flax models to 5e-5 of the output's largest magnitude
+(outputs are O(1): ~1e-4 absolute). Both sides are fp32 and differ only in summation order: a
+K-term reduction (K <= 576) rounds differently by ~sqrt(K) x 2^-24 = 1.4e-6 relative, and the
+U-Net's ~40 such layers in series add up to ~1e-5 at worst (observed ~1e-6, test_models.py has
+the same argument). Wrong files or a wrong mapping move outputs by 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ from core_jax.text import (  # noqa: E402
     placeholder_tokens,
 )
 
-TOL = 1e-4
+REL_TOL = 5e-5
+
+
+def _assert_close(got, want) -> None:
+    """|got - want| <= REL_TOL * max|want| elementwise (see the module docstring)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
 PROMPT = "a photo of a {}"
 
 
@@ -116,7 +126,7 @@ def test_learned_embeds_load_in_diffusers_and_encode_like_our_encoder(
     assert mask.sum() == num_vectors
     module, params = weights.load_text_encoder(tmp_path)
     out = module.apply({"params": params}, ids, inject_embeds=vectors[slot], inject_mask=mask)
-    np.testing.assert_allclose(out.last_hidden_state, expected.numpy(), atol=TOL, rtol=0)
+    _assert_close(out.last_hidden_state, expected.numpy())
 
     # diffusers also takes the A1111 file, given the token (its file name is the token there).
     a1111 = save_a1111_embedding(tmp_path, "cat-toy", vectors, step=10)
@@ -150,7 +160,7 @@ def test_exported_unet_loads_in_diffusers_with_the_same_outputs(tmp_path):
             torch.from_numpy(latents).permute(0, 3, 1, 2), torch.from_numpy(timesteps),
             torch.from_numpy(context),
         ).sample
-    np.testing.assert_allclose(ours, sample.permute(0, 2, 3, 1).numpy(), atol=TOL, rtol=0)
+    _assert_close(ours, sample.permute(0, 2, 3, 1).numpy())
 
 
 def test_a1111_embedding_file(tmp_path):
