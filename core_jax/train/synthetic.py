@@ -95,8 +95,8 @@ def random_setup(
         tokenizer, models.text_encoder, models.params["text"], text, specs, pools
     )
     stages = []
-    for c in range(num_concepts):
-        values = {**stage, **((per_run or [{}] * num_concepts)[c])}
+    for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
+        values = {"learning_rate": 5e-3, **stage, **((per_run or [{}] * num_concepts)[c])}
         stages.append(stage_config(methods, **values))
     step_models = StepModels(
         models.text_encoder, models.unet,
