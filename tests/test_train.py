@@ -126,7 +126,7 @@ def test_config_of_the_previous_version_reruns_identically():
     import importlib.util
 
     from core_jax.config import migrate
-    from core_jax.train.loop import flatten_config
+    from core_jax.train.workdir import flatten_config
 
     spec = importlib.util.spec_from_file_location("tiny_cat", ROOT / "configs/tiny_cat.py")
     module = importlib.util.module_from_spec(spec)

@@ -50,8 +50,8 @@ from core_jax.toyworld.world import (
     parse_caption,
 )
 from core_jax.train import setup as run_setup
-from core_jax.train.loop import flatten_config
 from core_jax.train.sweep import Run, expand_runs, sweep
+from core_jax.train.workdir import flatten_config
 
 TOYWORLD_PREFIX = "toyworld:"
 SCORES_FILE = "benchmark_scores.json"
