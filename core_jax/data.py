@@ -6,9 +6,9 @@ output bit for bit.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_PIXELS = 50_000_000
@@ -361,16 +362,12 @@ def save_image_grid(
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden, unique name in the same folder; plain open (not mkstemp, which makes 0600
-    # files) so the grid gets the umask's permissions like any other output.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    def png() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(grid).save(out, format="PNG")
+        return out.getvalue()
+
+    atomic_write_bytes(target, png)
     return target
 
 

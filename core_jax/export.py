@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,31 +23,11 @@ import safetensors.numpy
 
 from core_jax import weights
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes, temp_sibling
 from core_jax.models.unet import UNet2DConditionModel
 
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
 A1111_KEY = "emb_params"
-
-
-def _temp_sibling(path: Path, kind: str) -> Path:
-    # Same folder, so os.replace is a rename on one file system; a hidden, unique name so
-    # concurrent writers and directory scanners (webui, ComfyUI) never pick it up.
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
-
-
-def atomic_write_bytes(path: Path, make_bytes: Callable[[], bytes]) -> None:
-    """Write `make_bytes()` to `path` via a temporary file and a rename: readers see the old
-    file or the whole new one, never a part; no residue on failure."""
-    tmp = _temp_sibling(path, "tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open (not mkstemp) so the file gets the umask's mode
-            f.write(make_bytes())
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_vectors(vectors: np.ndarray) -> np.ndarray:
@@ -150,14 +128,14 @@ def export_unet(
     """
     target = Path(folder) / "unet"
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _temp_sibling(target, "tmp")
+    staging = temp_sibling(target, "tmp")
     staging.mkdir()
     try:
         weights.save_unet(staging, unet_module, unet_params)
         if target.exists():
             # A folder cannot be renamed over a non-empty one: move the old one aside first,
             # and back if the new one cannot take its place.
-            old = _temp_sibling(target, "old")
+            old = temp_sibling(target, "old")
             os.replace(target, old)
             try:
                 os.replace(staging, target)

@@ -23,6 +23,7 @@ from flax import traverse_util
 from flax.linen import Module
 
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes
 from core_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from core_jax.models.unet import UNet2DConditionModel, UNetConfig
 from core_jax.models.vae import AutoencoderKL, VAEConfig
@@ -269,28 +270,20 @@ def load_vae(
     )
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_component(
     folder: str | os.PathLike, component: str, module: Module, params: Params
 ) -> Path:
     """Write `config.json` + safetensors that diffusers/transformers `from_pretrained` accept."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     directory = Path(folder)
     directory.mkdir(parents=True, exist_ok=True)
     state = params_to_state_dict(params)
     stem = _WEIGHT_FILES[component]
-    _atomic_write(
-        directory / f"{stem}.safetensors",
-        lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-    )
+    atomic_write_bytes(directory / f"{stem}.safetensors",
+                       lambda: save(state, metadata={"format": "pt"}))
     config = module.config.to_diffusers()
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write_bytes(directory / "config.json", json.dumps(config, indent=2).encode())
     return directory
 
 

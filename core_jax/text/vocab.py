@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from core_jax.files import atomic_write_bytes
+
 MERGES_RESOURCE = "clip_merges.txt.gz"
 MERGES_HEADER = "#version: 0.2"
 NUM_MERGES = 48894
@@ -80,19 +82,6 @@ def build_vocab(merges: list[str]) -> dict[str, int]:
     return vocab
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Several processes (multi-host runs, pytest-xdist) may build the cache at once: each writes
-    # its own temp file and renames it, so a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tokenizer_files(merges: list[str]) -> dict[str, bytes]:
     vocab = build_vocab(merges)
     config = {
@@ -136,7 +125,8 @@ def clip_tokenizer_dir() -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             files = files or _tokenizer_files(parse_merges(raw))
             for fname, data in files.items():
-                _atomic_write(folder / fname, data)
+                # Several processes (multi-host, pytest-xdist) may build it at once.
+                atomic_write_bytes(folder / fname, data)
             return folder
         except OSError as e:
             errors.append(f"{folder}: {e}")

@@ -37,6 +37,7 @@ from core_jax import export, weights
 from core_jax.data import save_image_grid
 from core_jax.diffusion import SAMPLERS
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes
 from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens, placeholder_string
 from core_jax.toyworld import classifier
@@ -338,7 +339,7 @@ class _Evaluator:
 
 
 def _write_text(path: Path, text: str) -> None:
-    export.atomic_write_bytes(path, text.encode)
+    atomic_write_bytes(path, text.encode)
 
 
 def _evaluate_runs(

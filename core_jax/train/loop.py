@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
+from core_jax.files import atomic_write_bytes
 from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens, caption_ids, fill_template, placeholder_string
 from core_jax.train import setup as run_setup
@@ -340,7 +341,7 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
 def _run_log(run: Run, start: int) -> MetricsLog:
     run.folder.mkdir(parents=True, exist_ok=True)
     if not (run.folder / "config.json").is_file():
-        export.atomic_write_bytes(run.folder / "config.json",
+        atomic_write_bytes(run.folder / "config.json",
                                   lambda: run.config.to_json(indent=2).encode())
     return MetricsLog(run.folder, start)
 
@@ -417,7 +418,7 @@ def _finish_run(run: Run, failure: dict[str, Any] | None) -> None:
               **{k: v for k, v in last.items() if k != "stage"}}
     if failure:
         result["failure"] = failure
-    export.atomic_write_bytes(run.folder / "result.json",
+    atomic_write_bytes(run.folder / "result.json",
                               lambda: json.dumps(result, indent=2).encode())
 
 

@@ -3,6 +3,7 @@ events and, at the end, a PNG of the loss curves."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from core_jax.export import atomic_write_bytes
+from core_jax.files import atomic_write_bytes
 
 _SHOWN = ("loss", "diffusion", "emb", "attn", "pairwise", "hinge")
 
@@ -112,8 +113,8 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out_path)
+    atomic_write_bytes(out_path, png.getvalue())
     return out_path

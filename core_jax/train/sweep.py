@@ -27,8 +27,8 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from core_jax import export
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes
 from core_jax.train import setup as run_setup
 from core_jax.train.loop import Env, Run, StopRequests, read_result, train_groups
 from core_jax.train.parallel import fit_mesh
@@ -133,7 +133,7 @@ def sweep(
         progress(mesh_line)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        export.atomic_write_bytes(workdir / "sweep_config.json",
+        atomic_write_bytes(workdir / "sweep_config.json",
                                   lambda: config.to_json(indent=2).encode())
 
     groups: dict[str, list[Run]] = {}
@@ -169,7 +169,7 @@ def sweep(
 
 
 def _write_summary(workdir: Path, summary: dict[str, Any]) -> None:
-    export.atomic_write_bytes(
+    atomic_write_bytes(
         workdir / "sweep_summary.json", lambda: json.dumps(summary, indent=2).encode()
     )
     rows = [{k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in r.items()}
@@ -185,4 +185,4 @@ def _write_summary(workdir: Path, summary: dict[str, Any]) -> None:
         writer.writerows(rows)
         return out.getvalue().encode()
 
-    export.atomic_write_bytes(workdir / "results.csv", table)
+    atomic_write_bytes(workdir / "results.csv", table)

@@ -10,9 +10,9 @@ from typing import Any
 
 import ml_collections
 
-from core_jax import export
 from core_jax.config import migrate
 from core_jax.errors import InputError
+from core_jax.files import atomic_write_bytes
 from core_jax.train.stages import stage_names
 
 # Config keys a resumed run may change: they do not alter what is computed.
@@ -90,5 +90,5 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite:
     if overwrite and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    export.atomic_write_bytes(workdir / "config.json",
+    atomic_write_bytes(workdir / "config.json",
                               lambda: config.to_json(indent=2).encode())
