@@ -120,6 +120,7 @@ def sweep(
     `progress` (e.g. print) hears of each pack as it starts, checkpoints and ends."""
     started = time.perf_counter()
     workdir = Path(workdir)
+    _check_version(workdir)
     runs = expand_runs(config, workdir)
     for run in runs:  # every run is checked before anything is compiled or written
         run_setup.check_config(run.config)
@@ -166,6 +167,20 @@ def sweep(
     if jax.process_index() == 0:
         _write_summary(workdir, summary)
     return summary
+
+
+def _check_version(workdir: Path) -> None:
+    """Pack checkpoints of core-jax before config version 2 cannot be resumed: refuse them in
+    one line (finished runs' outputs stay usable)."""
+    saved = workdir / "sweep_config.json"
+    if not saved.is_file() or not (workdir / "checkpoints").is_dir():
+        return
+    if "version" not in json.loads(saved.read_text()):
+        raise InputError(
+            f"{workdir} holds a sweep of an earlier core-jax (config version 1) whose pack "
+            "checkpoints this one cannot resume; its finished runs' outputs still load. Use a "
+            "new --workdir"
+        )
 
 
 def _write_summary(workdir: Path, summary: dict[str, Any]) -> None:
