@@ -1,4 +1,4 @@
-"""A tiny sweep: 4 concepts x 2 attention weights x 2 attention-loss variants = 16 stage-1 runs.
+"""A tiny sweep: 4 concepts x 2 attention weights x 2 attention-loss variants = 16 runs.
 
 What it runs: CoRe stage 1 then 3 steps of stage 2 on scikit-image's photos (a cat, a cup, a
 person, the cat again as an "animal"), micro models (random weights), every (concept, setting)

@@ -5,7 +5,7 @@
 #
 # Needs: the .venv from launch/setup.sh. Usage:
 #   bash launch/local_multiprocess.sh 2 4 sweep --config configs/sweep_tiny.py \
-#       --workdir runs/sweep_mp --config.sweep.concept_shards=4
+#       --workdir runs/sweep_mp
 # Exits with the first non-zero exit code of any process; process i logs to WORKDIR-less
 # stderr prefixed with [i].
 set -euo pipefail

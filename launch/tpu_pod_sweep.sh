@@ -3,8 +3,9 @@
 # Needs: gcloud configured for the project; the pod's hosts each with this repo at ~/core-jax
 # and its .venv (launch/setup.sh, then pip install "jax[tpu]"); a workdir every host can write
 # (a GCS-fused path or NFS), since each host writes the runs it owns.
-# Run:   bash launch/tpu_pod_sweep.sh TPU_NAME ZONE configs/sweep_tiny.py /mnt/shared/sweep \
-#            --config.sweep.concept_shards=32
+# Run:   bash launch/tpu_pod_sweep.sh TPU_NAME ZONE configs/sweep_tiny.py /mnt/shared/sweep
+# The (concept, data) mesh is fitted to the slice's devices (--config.sweep.concept_shards=N
+# forces a split).
 # jax.distributed.initialize() finds the pod's topology by itself (--distributed).
 set -euo pipefail
 tpu=${1:?TPU name}; zone=${2:?zone}; config=${3:?sweep config}; workdir=${4:?workdir}; shift 4

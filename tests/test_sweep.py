@@ -140,8 +140,7 @@ def test_two_processes_equal_one_process(finished_sweep, tmp_path):
     """2 processes x 4 devices (jax.distributed over 127.0.0.1, gloo) == 1 process x 8."""
     result = subprocess.run(
         ["bash", str(ROOT / "launch/local_multiprocess.sh"), "2", "4", "sweep", "--config",
-         str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(tmp_path),
-         "--config.sweep.concept_shards=4"],
+         str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(tmp_path)],
         capture_output=True, text=True, env=ONE, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -176,10 +176,13 @@ class Passes:
             return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
 
         if "unet" in self.params:  # each concept's own U-Net: concept-major rows
-            pred, stats = jax.vmap(apply)(
-                self.params["unet"], jnp.concatenate([x] * n, axis=1),
-                jnp.concatenate([t] * n, axis=1), jnp.concatenate(per_row, axis=1),
-            )  # [C, n b, ...], [C, L, n b, T]
+            args = (self.params["unet"], jnp.concatenate([x] * n, axis=1),
+                    jnp.concatenate([t] * n, axis=1), jnp.concatenate(per_row, axis=1))
+            if concepts == 1:  # one run: a plain call (vmap would batch the convolutions' kernels)
+                out = apply(*jax.tree.map(lambda a: a[0], args))
+                pred, stats = jax.tree.map(lambda a: a[None], out)
+            else:
+                pred, stats = jax.vmap(apply)(*args)  # [C, n b, ...], [C, L, n b, T]
             split = lambda a, k, axis: jax.lax.slice_in_dim(  # noqa: E731
                 a, k * rows, (k + 1) * rows, axis=axis)
             return [(split(pred, k, 1), None if stats is None else split(stats, k, 2))
