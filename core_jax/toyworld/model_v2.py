@@ -56,6 +56,7 @@ from core_jax.diffusion import (
     schedule_from_config,
     training_target,
 )
+from core_jax.files import atomic_write_bytes
 from core_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from core_jax.models.pixel import COORDINATE_CHANNELS, with_coordinates
 from core_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -367,15 +368,6 @@ def prompt_following(
 
 
 # --- Checkpoints and export ---------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, state: TrainState, extra: dict[str, Any]) -> None:
