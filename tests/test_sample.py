@@ -48,7 +48,7 @@ def test_same_seed_same_images_other_seed_other_images(pipeline: Pipeline) -> No
     a = generate(pipeline, PROMPTS, learned, steps=STEPS, seed=0)
     b = generate(pipeline, PROMPTS, learned, steps=STEPS, seed=0)
     c = generate(pipeline, PROMPTS, learned, steps=STEPS, seed=1)
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b)  # the same compiled program on the same inputs
     assert (a != c).mean() > 0.5
 
 
@@ -90,8 +90,11 @@ def test_learned_vectors_reach_only_prompts_with_the_placeholder(pipeline: Pipel
     a = generate(pipeline, PROMPTS, _learned(1, pipeline), steps=STEPS, seed=0)
     b = generate(pipeline, PROMPTS, _learned(2, pipeline), steps=STEPS, seed=0)
     assert (a[0] != b[0]).mean() > 0.1
+    # Rows are computed independently (per-row sums in a fixed order), so the same program
+    # gives row 1, whose inputs are the same numbers, bitwise the same.
     np.testing.assert_array_equal(a[1], b[1])
-    # Without any placeholder in the batch the vectors may be omitted; the result is the same.
+    # Without any placeholder in the batch the vectors may be omitted; the result is the same
+    # (zero vectors of the same shape stand in: the same program, bitwise).
     plain = ["a photo of a cat", "a photo of a dog"]
     np.testing.assert_array_equal(
         generate(pipeline, plain, None, steps=STEPS),
@@ -139,6 +142,7 @@ def test_bare_placeholder_expands_to_all_vectors(pipeline: Pipeline) -> None:
 def test_pipeline_without_placeholder_tokens_is_the_base_model(pipeline: Pipeline) -> None:
     base = dataclasses.replace(pipeline, tokenizer=load_tokenizer(), placeholder_ids=())
     prompts = ["a photo of a dog"]
+    # The same ids, zero stand-in vectors of the same shape on both: the same program, bitwise.
     np.testing.assert_array_equal(encode_prompts(base, prompts), encode_prompts(pipeline, prompts))
     with pytest.raises(ValueError, match="no placeholder tokens"):
         encode_prompts(base, prompts, np.zeros((1, 32), np.float32))

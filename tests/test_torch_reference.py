@@ -108,6 +108,9 @@ def test_gradient_matches_finite_difference(setup, variant):
 
     numeric = (loss_at(learned + eps * direction) - loss_at(learned - eps * direction)) / (2 * eps)
     analytic = float((out["grad"] * direction).sum())
+    # Float64 central difference: truncation ~eps^2 |f^(3)| ~ 1e-10 and rounding ~U |f| / eps
+    # ~ 1e-11 (U = 1.1e-16) relative to the derivative; 1e-6 is far above both and far below
+    # a wrong term's gradient (the weights make each term's gradient comparable in size).
     assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-9)
 
 
@@ -133,6 +136,9 @@ def test_zero_lambdas_is_the_plain_diffusion_loss(setup):
     hidden = encoder(input_ids=ids).last_hidden_state
     loss = torch.mean((unet(x_t, t, hidden).sample - inputs["noise"]) ** 2)
     loss.backward()
+    # Float64 (U = 1.1e-16) on both sides, the same layers, possibly other summation orders:
+    # a mean of 512 squares is within ~512 U = 6e-14 relative, and gradients through the
+    # network within ~1e-12 of their scale; the tolerances leave orders of magnitude.
     np.testing.assert_allclose(out["diffusion"], loss.item(), rtol=1e-12)
     np.testing.assert_allclose(out["grad"], table.grad[placeholder_ids], rtol=1e-9, atol=1e-15)
 
@@ -147,6 +153,8 @@ def test_recorded_attention_is_a_distribution_over_tokens(setup):
         stats = out[key]
         assert stats.shape == (16, 2, 77)  # 6 down, 1 mid, 9 up cross-attention layers
         assert bool((stats >= 0).all())
+        # Float64 softmax rows sum to 1 within a few U (1.1e-16); means and a 77-term sum add
+        # ~100 U = 1e-14.
         np.testing.assert_allclose(stats.sum(-1), 1.0, atol=1e-12)
     # Same x_t, different text: the two passes' statistics differ.
     assert not torch.allclose(out["attn_obj"], out["attn_cat"])

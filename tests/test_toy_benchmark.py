@@ -117,11 +117,11 @@ def test_summary_pairs_differences_by_concept():
     assert "| +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in table
 
 
-def test_methods_are_named_sweep_settings():
+def test_methods_are_named_sweep_settings(tmp_path):
     config = _toy_benchmark_config()
     assert len(config.sweep.concepts) >= 10 and len(config.sweep.settings) == 8
     del config["benchmark"]
-    runs = expand_runs(config)
+    runs = expand_runs(config, tmp_path)
     assert len(runs) == len(config.sweep.concepts) * len(config.sweep.settings)
     by_name = {r.name: r.config for r in runs}
     ti, core = by_name["green_dotted_star__ti"], by_name["green_dotted_star__core"]
@@ -132,10 +132,10 @@ def test_methods_are_named_sweep_settings():
     assert core.concept.images == "toyworld:green dotted star"
     config.sweep.settings = (dict(name="a", overrides={"data.resolution": 64}),)
     with pytest.raises(InputError, match="the model, data and concepts are fixed"):
-        expand_runs(config)
+        expand_runs(config, tmp_path)
     config.sweep.settings = (dict(name="a", overrides={}), dict(name="a", overrides={}))
     with pytest.raises(InputError, match="unique, non-empty names"):
-        expand_runs(config)
+        expand_runs(config, tmp_path)
 
 
 def test_bad_benchmark_inputs_fail_before_anything_is_written(tmp_path):
@@ -160,10 +160,10 @@ def test_bad_benchmark_inputs_fail_before_anything_is_written(tmp_path):
 def test_a_run_trained_with_other_settings_is_refused(tmp_path):
     config = _toy_benchmark_config()
     del config["benchmark"]
-    run = expand_runs(config)[0]
+    run = expand_runs(config, tmp_path)[0]
     benchmark._check_same_training(run, tmp_path)  # nothing there yet
-    run.folder(tmp_path).mkdir(parents=True)
-    (run.folder(tmp_path) / "config.json").write_text(run.config.to_json())
+    run.folder.mkdir(parents=True)
+    (run.folder / "config.json").write_text(run.config.to_json())
     benchmark._check_same_training(run, tmp_path)
     run.config.stage1.learning_rate = 1e-3
     run.config.concept.caption = "a photo of a {}"
@@ -227,6 +227,58 @@ def _benchmark(workdir: Path, config: Path, assets: tuple[Path, Path], *extra: s
                           env={**os.environ, "XLA_FLAGS": ""})
 
 
+def _scores_by_hand(workdir: Path, concepts: dict, classifier_path: Path) -> dict:
+    """{method: {"identity" | "text": {concept: score}}} for the miniature, from the saved
+    samples: the classifier is run on them here, and what each prompt asks and which identity
+    attributes it keeps are written out by hand."""
+    prompts = ("a {} on grass, sketch style", "a {recolour} {}")
+    params = attribute_classifier.load_params(classifier_path)
+    module = attribute_classifier.AttributeClassifier()
+    out: dict = {}
+    for method in ("ti", "core_stage2"):
+        out[method] = {"identity": {}, "text": {}}
+        for concept, words in concepts.items():
+            colour, pattern, shape = words.split()
+            wanted = {  # template: (asked attributes, identity attributes kept)
+                prompts[0]: ({"background": "grass", "style": "sketch"},
+                             {"shape": shape, "colour": colour, "pattern": pattern}),
+                prompts[1]: ({"colour": benchmark.contrast_colour(colour)},
+                             {"shape": shape, "pattern": pattern}),
+            }
+            folder = workdir / "runs" / f"{concept}__{method}"
+            scores = json.loads((folder / benchmark.SCORES_FILE).read_text())["prompts"]
+            with np.load(folder / benchmark.SAMPLES_FILE) as f:
+                samples = f["samples"]  # [prompts, images per prompt, 32, 32, 3]
+            k = samples.shape[1]
+            logits = module.apply(
+                {"params": params},
+                attribute_classifier.to_classifier_resolution(samples.reshape(-1, 32, 32, 3)),
+            )
+            identity, text = [], []
+            for i, template in enumerate(prompts):
+                asks, kept = wanted[template]
+                record = scores[template]
+                assert record["asks"] == asks and record["identity_checked"] == kept
+                assert len(record["drawn"]) == k
+                for j, drawn in enumerate(record["drawn"]):
+                    for attribute, value in drawn.items():
+                        # The recorded reading is the classifier's argmax on the saved image.
+                        # Here it runs in another batch (other blocking of its sums): logits of
+                        # O(10) may move by ~1e-5, so a reading within 1e-4 of the top counts.
+                        row = np.asarray(logits[attribute][i * k + j])
+                        assert row[ATTRIBUTES[attribute].index(value)] >= row.max() - 1e-4
+                    identity.append(np.mean([drawn[a] == v for a, v in kept.items()]))
+                    text.append(np.mean([drawn[a] == v for a, v in asks.items()]))
+                # Per image, the fraction of checked attributes drawn as asked.
+                np.testing.assert_allclose(record["identity"], identity[-k:], rtol=0, atol=1e-12)
+                np.testing.assert_allclose(record["text"], text[-k:], rtol=0, atol=1e-12)
+            # A concept's score: the mean over its prompts of the mean over their images; every
+            # prompt has k images, so the plain mean of all of them.
+            out[method]["identity"][concept] = float(np.mean(identity))
+            out[method]["text"][concept] = float(np.mean(text))
+    return out
+
+
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end_and_resumes(tmp_path, random_assets):
     config = tmp_path / "miniature.py"
@@ -239,10 +291,20 @@ def test_benchmark_runs_end_to_end_and_resumes(tmp_path, random_assets):
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["methods"]) == {"ti", "core_stage2"}
     assert results["compilations"] == 2  # one stage-1 program per method group
-    for method in results["methods"].values():
-        for key in ("identity", "text"):
-            assert 0 <= method[key]["mean"] <= 1 and method[key]["n"] == 2
+    expected = _scores_by_hand(workdir, results["concepts"], random_assets[1])
+    for name, method in results["methods"].items():
         assert set(method["per_concept"]) == {"green_dotted_star", "blue_striped_heart"}
+        for key in ("identity", "text"):
+            per_concept = expected[name][key]
+            assert method[key]["n"] == 2
+            # Means of a few fractions like 2/3 in float64: rounding ~1e-16.
+            assert method[key]["mean"] == pytest.approx(np.mean(list(per_concept.values())),
+                                                        abs=1e-12)
+            for concept, value in per_concept.items():
+                assert method["per_concept"][concept][key] == pytest.approx(value, abs=1e-12)
+            paired = [per_concept[c] - expected["ti"][key][c] for c in per_concept]
+            assert method[f"{key}_vs_reference"]["mean"] == pytest.approx(np.mean(paired),
+                                                                          abs=1e-12)
     assert results["methods"]["ti"]["text_vs_reference"]["mean"] == 0
     markdown = (workdir / "results.md").read_text()
     assert "| ti |" in markdown and "`a {recolour} {}`" in markdown
