@@ -177,12 +177,58 @@ def test_packed_concepts_cost_what_their_rows_cost():
     def step_flops(setup):
         with attention.explicit_attention_only():
             program = bench.stage1_program(setup, "core")
-            return bench._flops(program.jitted.lower(*program.args))
+            return bench.flops(program.jitted.lower(*program.args))
 
     packed = bench.with_concepts(bench.build_setup("tiny", 1, concepts=2), 2, 1)
     single = bench.with_concepts(bench.build_setup("tiny", 2), 1, 2)
-    assert packed.config.batch_size == 1 and single.config.batch_size == 2
+    assert packed.program.batch_size == 1 and single.program.batch_size == 2
+    assert packed.state.rng.shape[0] == 2 and single.state.rng.shape[0] == 1
     assert step_flops(packed) == pytest.approx(step_flops(single), rel=0.05)
+
+
+def test_each_variant_is_the_program_it_names():
+    """The stage-1 variants differ only in which weighted terms are present (the same weights
+    as the PyTorch reference, the code's loss variants); `unet` trains each run's U-Net copy
+    with the diffusion loss alone. Built, not compiled."""
+    from core_jax import bench
+
+    setup = bench.build_setup("tiny", 2)
+    expected = {
+        "ti": ("diffusion",),
+        "emb": ("diffusion", "emb"),
+        "attn": ("diffusion", "attn"),
+        "core": ("diffusion", "emb", "attn"),
+        "core_all": ("diffusion", "emb", "attn", "pairwise", "hinge"),
+    }
+    for variant, terms in expected.items():
+        staged = bench.variant_setup(setup, variant)
+        program = staged.program
+        assert tuple(t.name for t in program.terms) == terms, variant
+        assert dict(program.trains) == {"embeds": "learning_rate"} and program.batch_size == 2
+        for key, weight in bench.TORCH_MATCHED_WEIGHTS.items():
+            if key.removeprefix("lambda_") in terms:
+                assert float(staged.numbers[key][0]) == pytest.approx(weight), (variant, key)
+    unet = bench.variant_setup(setup, "unet")
+    assert tuple(t.name for t in unet.program.terms) == ("diffusion",)
+    assert set(unet.program.trains) == {"unet"} and "unet" in unet.state.params
+    assert float(unet.numbers["learning_rate"][0]) == pytest.approx(2e-6)
+    with pytest.raises(ValueError, match="not a stage-1 variant"):
+        bench.stage1_program(setup, "unet")
+
+
+def test_torch_reference_loads_one_way_and_knows_the_same_variants():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from core_jax import bench
+
+    reference = bench.load_torch_reference()
+    assert bench.load_torch_reference() is reference
+    assert tuple(reference.VARIANTS) == bench.TORCH_VARIANTS
+    ours = dict(bench.TORCH_MATCHED_WEIGHTS)
+    margin = ours.pop("hinge_margin")
+    lambdas, reference_margin = reference.LAMBDAS, reference.HINGE_MARGIN
+    assert lambdas == {key.removeprefix("lambda_"): value for key, value in ours.items()}
+    assert reference_margin == margin
 
 
 def test_bench_runs_in_bfloat16_and_says_so():
@@ -194,4 +240,6 @@ def test_bench_runs_in_bfloat16_and_says_so():
     assert setup.unet.dtype == jnp.bfloat16
     result = bench.measure_jax(setup, "tiny", "ti", steps=1, warmup=0)
     assert result.dtype == "bfloat16" and np.isfinite(result.median_s) and result.flops > 0
+    # The step donated its state; the setup every variant starts from is intact.
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(setup.args()))
     assert json.loads(result.to_json())["dtype"] == "bfloat16"

@@ -18,8 +18,6 @@ largest entry. A missing or mis-weighted term is off by 1e-2 or more.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +28,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.torch_reference import core_step_reference  # noqa: E402
 from core_jax import weights  # noqa: E402
+from core_jax.bench.reference import load_torch_reference  # noqa: E402
 from core_jax.text import (  # noqa: E402
     add_placeholder_tokens,
     load_templates,
@@ -81,7 +78,7 @@ def test_core_step_matches_pytorch(tmp_path, variant):
     )
     np.testing.assert_array_equal(prompts.obj_ids[0], data.obj_ids[0, t])
     numbers = jax.device_get(setup.numbers)
-    expected = core_step_reference(
+    expected = load_torch_reference().core_step_reference(
         unet, text_encoder,
         {
             "latents": np.asarray(inputs.x0).transpose(0, 3, 1, 2),

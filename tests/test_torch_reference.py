@@ -7,7 +7,6 @@ check the gradient of every term.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -18,22 +17,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from core_jax import text as ctext  # noqa: E402
+from core_jax.bench.reference import load_torch_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_VECTORS = 2
 
 
-def _load_reference():
-    # benchmarks/ is not part of the installed package; load the script by path.
-    spec = importlib.util.spec_from_file_location(
-        "torch_reference", ROOT / "benchmarks" / "torch_reference.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+ref = load_torch_reference()
 
 
 @pytest.fixture(scope="module", autouse=True)

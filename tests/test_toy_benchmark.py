@@ -125,7 +125,7 @@ def test_methods_are_named_sweep_settings(tmp_path):
     assert len(runs) == len(config.sweep.concepts) * len(config.sweep.settings)
     by_name = {r.name: r.config for r in runs}
     ti, core = by_name["green_dotted_star__ti"], by_name["green_dotted_star__core"]
-    assert ti.stage1.lambda_emb == ti.stage1.lambda_attn == 0 and ti.stage1.rescale_end == 0
+    assert ti.stage1.methods == ("textual_inversion",)  # no regularizer, no norm hold
     assert core.stage1.lambda_emb > 0 and core.stage1.lambda_attn > 0
     assert by_name["green_dotted_star__core_stage2"].stage2.steps > 0
     assert by_name["pink_striped_moon__core"].concept.super_category == "circle"
