@@ -1,1 +1,0 @@
-"""Benchmarks and PyTorch references (not part of the installed package)."""
