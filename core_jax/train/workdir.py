@@ -62,8 +62,7 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: b
         return
     if not saved.is_file():
         return
-    raw = json.loads(saved.read_text()) if saved.read_text().strip() else {}
-    before = flatten_config(saved_config(saved))
+    before = flatten_config(saved_config(saved))  # one line if unreadable
     now = flatten_config(json.loads(config.to_json()))
     last_steps = f"{stage_names(config)[-1]}.steps"
     changed = sorted(
@@ -76,7 +75,7 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: b
             f"{workdir} holds a run with a different config (differs in {', '.join(changed)});"
             " use a new --workdir, or --overwrite to start this one afresh"
         )
-    if "version" not in raw and (workdir / "checkpoints").is_dir():
+    if "version" not in json.loads(saved.read_text()) and (workdir / "checkpoints").is_dir():
         raise InputError(
             f"{workdir} holds checkpoints of an earlier core-jax (config version 1), which this "
             "one cannot resume; its exports still load. Rerun with --overwrite to train it "
