@@ -613,7 +613,7 @@ def test_damaged_checkpoints_resume_to_the_uninterrupted_result(reference_run, t
     )
 
     for step in sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()):
-        flip(ckpt / str(step) / "embedding" / "_METADATA")
+        flip(ckpt / str(step) / "state" / "_METADATA")
     result = train(workdir)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
