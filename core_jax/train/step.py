@@ -70,7 +70,7 @@ def init_state(program: StageProgram, params: dict[str, Any], rng: jax.Array) ->
         params=params,
         opt_state=jax.vmap(program.optimizer.init)(trained),
         carry={hook.name: jax.vmap(hook.init)(params) for hook in program.hooks},
-        rng=rng,
+        rng=jnp.array(rng),  # a copy: the step donates its state
         nonfinite_streak=jnp.zeros((num_concepts,), jnp.int32),
     )
 
@@ -97,8 +97,10 @@ def evaluate(term: Term, passes: Passes, numbers: Numbers) -> jax.Array:
 
 
 def _per_concept(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """fn over each leaf's non-concept axes, summed over leaves: [C]."""
-    return sum(fn(x.reshape(x.shape[0], -1)) for x in jax.tree.leaves(tree))
+    """fn over the non-concept axes of all leaves joined end to end: [C]. One reduction: a sum
+    of per-leaf reductions (hundreds for a U-Net) took XLA:CPU's fusion pass many minutes."""
+    leaves = jax.tree.leaves(tree)
+    return fn(jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1))
 
 
 def stage_loss(
