@@ -27,3 +27,8 @@ def diffusion_term(settings: Settings) -> Term:
             pred, target, snr, gamma, prediction_type
         ),
     )
+
+
+def diffusion_only(settings: Settings) -> tuple[Term, ...]:
+    """The terms of a method whose only loss is the diffusion loss."""
+    return (diffusion_term(settings),)

@@ -4,13 +4,8 @@ Multi-vector when `concept.num_vectors` > 1 (each placeholder token gets its own
 The other text-side methods (CoRe, the thesis terms) add their terms on top of this one.
 """
 
-from core_jax.methods.base import Method, Settings, Term
-from core_jax.methods.diffusion_term import DEFAULTS, diffusion_term
-
-
-def _terms(settings: Settings) -> tuple[Term, ...]:
-    return (diffusion_term(settings),)
-
+from core_jax.methods.base import Method
+from core_jax.methods.diffusion_term import DEFAULTS, diffusion_only
 
 METHOD = Method(
     name="textual_inversion",
@@ -18,7 +13,7 @@ METHOD = Method(
     defaults=DEFAULTS,
     source="arXiv 2208.01618; METHODS.md",
     trains={"embeds": "learning_rate"},
-    terms=_terms,
+    terms=diffusion_only,
 )
 
 METHODS = (METHOD,)

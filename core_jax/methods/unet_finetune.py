@@ -3,13 +3,8 @@
 Each run trains its own copy of the U-Net (packed runs carry one copy each).
 """
 
-from core_jax.methods.base import Method, Settings, Term
-from core_jax.methods.diffusion_term import DEFAULTS, diffusion_term
-
-
-def _terms(settings: Settings) -> tuple[Term, ...]:
-    return (diffusion_term(settings),)
-
+from core_jax.methods.base import Method
+from core_jax.methods.diffusion_term import DEFAULTS, diffusion_only
 
 METHOD = Method(
     name="unet_finetune",
@@ -17,7 +12,7 @@ METHOD = Method(
     defaults=DEFAULTS,
     source="arXiv 2408.15914 (stage 2: 1000 steps, batch 4, AdamW lr 2e-6)",
     trains={"unet": "learning_rate"},
-    terms=_terms,
+    terms=diffusion_only,
 )
 
 METHODS = (METHOD,)

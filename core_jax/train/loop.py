@@ -123,7 +123,7 @@ class Group:
     and concepts. Holds the tokenizer with the placeholder tokens, each stage's program and
     compiled step, and (when asked) the sampling pipeline."""
 
-    def __init__(self, runs: Sequence[Run], pack: int, env: Env):
+    def __init__(self, runs: Sequence[Run], env: Env):
         self.runs, self.env = list(runs), env
         first = self.runs[0].config
         models = env.models
@@ -145,7 +145,6 @@ class Group:
             for name in self.stages
         ]
         self.steps = [shard_step(env.mesh, program) for program in self.programs]
-        self.pack = pack
         self._pipeline: Pipeline | None = None
 
     def stage_at(self, step: int) -> int:
@@ -429,7 +428,7 @@ def train_groups(
     Returns per group its runs, packs and compilations, and False when stopped by a request."""
     reports = []
     for g, runs in enumerate(groups):
-        group = Group(runs, pack, env)
+        group = Group(runs, env)
         packs = [runs[i:i + pack] for i in range(0, len(runs), pack)]
         for k, members in enumerate(packs):
             label = (runs[0].name if env.alone
