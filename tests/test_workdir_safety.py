@@ -612,6 +612,9 @@ def test_damaged_checkpoints_resume_to_the_uninterrupted_result(reference_run, t
                                                                       workdir))
     )
 
+    # A finished run is not trained again (its result.json says it is done): the run is made
+    # one killed before its end, so the rerun has to read its checkpoints.
+    (workdir / "result.json").unlink()
     for step in sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()):
         flip(ckpt / str(step) / "state" / "_METADATA")
     result = train(workdir)

@@ -233,7 +233,7 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
             f"model.path {config.model.path!r} is not a folder: the benchmark needs the toy model "
             "(core_jax/toyworld/assets/toy_model, or pass --config.model.path=FOLDER)"
         )
-    if config.sweep.grid:
+    if config.sweep.get("grid"):
         raise InputError("benchmark: give methods as sweep.settings, not sweep.grid")
     methods = [s["name"] for s in config.sweep.settings]
     if b.reference not in methods:

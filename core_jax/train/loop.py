@@ -2,10 +2,10 @@
 here. Runs that may share a compiled program form a group; a group's runs train C at a time as
 one pack, packed on the step's concept axis. Per pack the story reads top to bottom:
 
-set up (concept data, numbers) -> restore (the newest intact checkpoint) -> for each stage: loop
-(step, guard, log, checkpoint, sample, stop on request) -> the stage's exports -> the runs'
-results. Whatever happens to one run (a stop, a non-finite streak, a resume) happens the same
-way to every run, alone or packed.
+set up (concept data, numbers) -> restore (the newest intact checkpoint) -> for each stage:
+loop (step, guard, log, checkpoint, sample, stop on request) -> the runs' exports and results
+(only a finished run has them). Whatever happens to one run (a stop, a non-finite streak, a
+resume) happens the same way to every run, alone or packed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
-from core_jax.train.passes import StepModels
+from core_jax.train.passes import StepModels, merged_unet
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
     build_program,
@@ -253,13 +253,15 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
     num_vectors = first.concept.num_vectors
 
     def first_state(k: int, params: dict[str, Any]) -> TrainState:
-        params = stage_params(group.programs, k, params, data, frozen, num_vectors)
+        params = stage_params(group.programs, k, params, data, frozen, num_vectors,
+                              stage_keys(seeds, k))
         return init_state(group.programs[k], params, stage_keys(seeds, k))
 
     def fresh_state(k: int) -> TrainState:  # stage k's state shapes, for restoring into
         params: dict[str, Any] = {}
         for j in range(k + 1):
-            params = stage_params(group.programs, j, params, data, frozen, num_vectors)
+            params = stage_params(group.programs, j, params, data, frozen, num_vectors,
+                                  stage_keys(seeds, j))
         return init_state(group.programs[k], params, stage_keys(seeds, k))
 
     # --- Restore ----------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
         if state is None:
             state = first_state(0, {})
         elif state_stage != k:
-            state = first_state(k, jax.device_get(state.params))
+            state = first_state(k, state.params)
         state_stage = k
         step_fn = group.steps[k]
         while step < group.ends[k] and len(failed) < len(pack.runs):
@@ -323,12 +325,12 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
                 return False
         if len(failed) == len(pack.runs):
             break
-        # --- The stage's exports: what it trained, for every run that did not fail ----------
-        _export_stage(group, owned, failed, state, group.programs[k], step)
         if first.sample.at_end:
             _sample_grids(group, owned, failed, state, name, step, logs)
 
-    # --- The runs' results -------------------------------------------------------------------
+    # --- The runs' exports and results: only a finished run has them --------------------------
+    if len(failed) < len(pack.runs):
+        _export_runs(owned, failed, state, env.models.unet, step)
     close()
     for c, run in owned:
         if is_done(run):  # finished before a kill that cut the pack's writing
@@ -357,20 +359,22 @@ def _log(
         logs[run.name].scalars(stage, step, values)
 
 
-def _export_stage(
-    group: Group, owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState,
-    program: StageProgram, step: int,
+def _export_runs(
+    owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState, unet: Any,
+    step: int,
 ) -> None:
-    """Hand what the stage trained to other tools, for each run this host owns."""
+    """Hand what each run this host owns trained (its vectors, its U-Net if a stage trained
+    one) to other tools."""
     for c, run in owned:
         if c in failed:
             continue
-        params = local_slice({g: state.params[g] for g in program.trains}, c)
+        params = local_slice(state.params, c)
         c_config = run.config.concept
         export.export_concept(
             run.folder, name=c_config.name, placeholder=c_config.placeholder,
-            vectors=params.get("embeds"),
-            unet=(group.env.models.unet, params["unet"]) if "unet" in params else None,
+            vectors=params["embeds"],
+            unet=(unet, params["unet"]) if "unet" in params else None,
+            lora=params.get("lora"),
             step=step,
         )
 
@@ -386,7 +390,7 @@ def _sample_grids(
         if c in failed:
             continue
         params = local_slice({g: state.params[g] for g in state.params}, c)
-        pipeline.unet_params = params.get("unet", base_unet)  # same shapes: compiled once
+        pipeline.unet_params = merged_unet(params, base_unet)  # same shapes: compiled once
         s = run.config.sample
         prompts = [fill_template(p, group.text) for p in s.prompts]
         images = generate(

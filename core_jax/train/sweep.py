@@ -69,8 +69,8 @@ def _named_settings(config: ml_collections.ConfigDict) -> list[tuple[str, dict[s
 
 def expand_runs(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
     """Concepts x named settings x the grid's product (in that order, the last varying
-    fastest), each as a complete train config."""
-    grid = [(key, tuple(values)) for key, values in config.sweep.grid]
+    fastest), each as a complete train config. Either of settings and grid may be absent."""
+    grid = [(key, tuple(values)) for key, values in config.sweep.get("grid", ())]
     for key, _ in grid:
         _check_varied_key(key, "sweep grid")
     settings = _named_settings(config)
