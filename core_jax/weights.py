@@ -24,9 +24,11 @@ from flax.linen import Module
 
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes
-from core_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from core_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from core_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from core_jax.models.unet import UNet2DConditionModel, UNetConfig
 from core_jax.models.vae import AutoencoderKL, VAEConfig
+from core_jax.models.vit import ViTConfig, ViTModel
 
 # Module lists in the references (`name.N` in torch, `name_N` here).
 _LIST_CONTAINERS = frozenset({
@@ -47,14 +49,17 @@ _WEIGHT_FILES = {
 Params = dict[str, Any]
 
 
-def torch_key_to_path(key: str) -> tuple[str, ...]:
-    """`a.b.0.c.weight` -> (`a`, `b_0`, `c`, `weight`) (leaf name resolved later)."""
+def torch_key_to_path(key: str, legacy_names: bool = True) -> tuple[str, ...]:
+    """`a.b.0.c.weight` -> (`a`, `b_0`, `c`, `weight`) (leaf name resolved later); with
+    `legacy_names`, pre-0.14 VAE attention names become today's (`query` -> `to_q`)."""
     parts: list[str] = []
     for part in key.split("."):
         if part.isdigit() and parts:
             parts[-1] = f"{parts[-1]}_{part}"
-        else:
+        elif legacy_names:
             parts.append(_LEGACY_ATTENTION.get(part, part).replace(".", "_"))
+        else:
+            parts.append(part)
     return tuple(parts)
 
 
@@ -64,7 +69,7 @@ def path_to_torch_key(path: tuple[str, ...]) -> str:
         match = re.fullmatch(r"(.+)_(\d+)", part)
         parts.append(f"{match[1]}.{match[2]}" if match and match[1] in _LIST_CONTAINERS else part)
     leaf = path[-1]
-    parts.append("bias" if leaf == "bias" else "weight")
+    parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
     return ".".join(parts)
 
 
@@ -95,11 +100,13 @@ def convert_state_dict(state: dict[str, np.ndarray], expected: Params, what: str
     for key, array in state.items():
         if _IGNORED_KEYS.search(key):
             continue
-        path = torch_key_to_path(key)
+        path = torch_key_to_path(key, legacy_names=False)
+        if path[:-1] not in by_prefix:  # ViT's `attention.query` is literal, the VAE's legacy
+            path = torch_key_to_path(key)
         prefix, name = path[:-1], path[-1]
         leaves = by_prefix.get(prefix, {})
-        if name == "bias":
-            leaf = "bias"
+        if name == "bias" or name in leaves:  # a parameter named as in torch (`cls_token`)
+            leaf = name
         else:
             leaf = next((n for n in ("kernel", "scale", "embedding") if n in leaves), None)
         if leaf is None or leaf not in leaves:
@@ -268,6 +275,81 @@ def load_vae(
         folder, "vae", lambda cfg: AutoencoderKL(VAEConfig.from_diffusers(cfg), dtype),
         vae_shapes, allow_pickle,
     )
+
+
+def _transformers_folder(folder: str | os.PathLike, what: str, model_types: tuple[str, ...]
+                         ) -> tuple[Path, dict[str, Any]]:
+    """A transformers model folder whose config.json names one of `model_types`."""
+    directory = Path(folder)
+    if not (directory / "config.json").is_file():
+        raise InputError(f"{what} model folder {directory} has no config.json")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{directory / 'config.json'} is not readable JSON ({err})") from err
+    if config.get("model_type") not in model_types:
+        raise InputError(
+            f"{directory} is not a {what} model folder: its config.json says model_type "
+            f"{config.get('model_type')!r}, expected {' or '.join(model_types)}"
+        )
+    return directory, config
+
+
+def _convert_part(
+    state: dict[str, np.ndarray], prefixes: tuple[str, ...], module: Module, sample: jax.Array,
+    where: Path,
+) -> Params:
+    part = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    expected = jax.eval_shape(module.init, jax.random.key(0), sample)["params"]
+    params = convert_state_dict(part, expected, str(where))
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params)
+
+
+def load_clip(
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+) -> tuple[CLIPVisionModelWithProjection, Params, CLIPTextModelWithProjection, Params]:
+    """Both towers of a transformers `CLIPModel` folder (openai/clip-vit-large-patch14, ...):
+    (vision module, its params, text module, its params); `logit_scale` is not needed."""
+    directory, _ = _transformers_folder(folder, "CLIP", ("clip",))
+    from transformers import CLIPConfig
+
+    # transformers fills what an older or diffed config.json leaves out of the two sub-configs.
+    config = CLIPConfig.from_pretrained(directory)
+    projection = {"projection_dim": config.projection_dim}  # the top-level one is what counts
+    try:
+        vision = CLIPVisionModelWithProjection(
+            CLIPVisionConfig.from_dict({**config.vision_config.to_dict(), **projection}), dtype)
+        text = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_diffusers({**config.text_config.to_dict(), **projection}), dtype)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{directory / 'config.json'}: {err}") from err
+    state = read_weights(directory, "model", allow_pickle)
+    size = vision.config.image_size
+    vision_params = _convert_part(state, ("vision_model.", "visual_projection."), vision,
+                                  jnp.zeros((1, size, size, 3)), directory)
+    text_params = _convert_part(state, ("text_model.", "text_projection."), text,
+                                jnp.zeros((1, 8), jnp.int32), directory)
+    return vision, vision_params, text, text_params
+
+
+def load_dino(
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+) -> tuple[ViTModel, Params]:
+    """A transformers `ViTModel` (DINO, facebook/dino-vits16) or `Dinov2Model` folder. The ViT
+    pooler and the mask token are skipped: the DINO score reads the class token."""
+    directory, _ = _transformers_folder(folder, "DINO", ("vit", "dinov2"))
+    from transformers import AutoConfig
+
+    try:
+        module = ViTModel(ViTConfig.from_dict(AutoConfig.from_pretrained(directory).to_dict()),
+                          dtype)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{directory / 'config.json'}: {err}") from err
+    state = read_weights(directory, "model", allow_pickle)
+    state.pop("embeddings.mask_token", None)
+    size = module.config.image_size
+    return module, _convert_part(state, ("embeddings.", "encoder.", "layernorm."), module,
+                                 jnp.zeros((1, size, size, 3)), directory)
 
 
 def save_component(

@@ -225,3 +225,24 @@ class CLIPTextModel(nn.Module):
         return CLIPTextTransformer(self.config, self.dtype, name="text_model")(
             input_ids, attention_mask, inject_embeds, inject_mask, output_hidden_states
         )
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers `CLIPTextModelWithProjection`: the pooled output through `text_projection`
+    (no bias), the text side of CLIP-T. `apply(...) -> (TextEncoderOutput, text_embeds [B, P])`,
+    the embeddings not normalised, as `get_text_features` gives them."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> tuple[TextEncoderOutput, jax.Array]:
+        out = CLIPTextTransformer(self.config, self.dtype, name="text_model")(
+            input_ids, attention_mask
+        )
+        projection = nn.Dense(
+            self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection"
+        )
+        return out, projection(out.pooler_output)
