@@ -6,11 +6,13 @@
   over all pairs.
 - DINO: the same with DINO (ViT) class-token embeddings; more sensitive to identity than CLIP-I.
 
-The models are transformers' PyTorch ones (`CLIPModel`, and `AutoModel` for DINO / DINOv2)
-read from folders the user has (`openai/clip-vit-large-patch14`, `facebook/dino-vits16`, ...):
-nothing is downloaded, and torch is needed only here. Images are uint8 [N, H, W, 3]; they are
-resized (bicubic, shorter side), centre-cropped and normalised as the model's
-preprocessor_config.json says, or with the model family's standard constants without one.
+This torch path is the reference the tests hold `core_jax.eval.scores` (our Flax models, what
+`core-jax score` uses) against. The models are transformers' PyTorch ones (`CLIPModel`, and
+`AutoModel` for DINO / DINOv2) read from folders the user has
+(`openai/clip-vit-large-patch14`, `facebook/dino-vits16`, ...): nothing is downloaded, and
+torch is needed only here. Images are uint8 [N, H, W, 3]; they are resized (bicubic, shorter
+side), centre-cropped and normalised as the model's preprocessor_config.json says, or with the
+model family's standard constants without one.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from core_jax.errors import InputError
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core_jax.eval.preprocess import (
+    BICUBIC,
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageProcessing,
+)
 
 
 def _torch() -> Any:
@@ -59,22 +63,10 @@ def _normalisation(folder: Path, mean: Sequence[float], std: Sequence[float]) ->
 def preprocess(
     images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, size, size]: shorter side to `size` (bicubic),
-    centre crop, scaled to [0, 1] and normalised; the same numbers as transformers'
-    `CLIPImageProcessor` (its longer side is truncated, `int(size * long / short)`, and the
-    crop starts at `(side - size) // 2`)."""
-    out = []
-    for image in np.asarray(images, np.uint8):
-        pil = Image.fromarray(image)
-        if pil.width <= pil.height:
-            width, height = size, int(size * pil.height / pil.width)
-        else:
-            width, height = int(size * pil.width / pil.height), size
-        pil = pil.resize((width, height), Image.BICUBIC)
-        left, top = (width - size) // 2, (height - size) // 2
-        out.append(np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255.0)
-    batch = (np.stack(out) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return batch.transpose(0, 3, 1, 2)
+    """uint8 [N, H, W, 3] -> float32 [N, 3, size, size] for the torch models: CLIP's
+    processing (`core_jax.eval.preprocess`) with the given constants, channels first."""
+    processing = ImageProcessing(size, None, (size, size), BICUBIC, tuple(mean), tuple(std))
+    return processing(np.asarray(images, np.uint8)).transpose(0, 3, 1, 2)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
