@@ -5,6 +5,7 @@ tiny random CLIP / DINO models saved here with `save_pretrained`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,30 @@ def test_score_command_exit_codes(tmp_path, clip_folder, dino_folder):
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith("CLIP-T ")
     assert len((tmp_path / "out" / "scores.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.environ.get("CORE_JAX_CLIP_PATH")
+                         and os.environ.get("CORE_JAX_DINO_PATH")),
+                    reason="set CORE_JAX_CLIP_PATH and CORE_JAX_DINO_PATH to real model folders")
+def test_real_weights_equal_transformers_on_photos():
+    clip_path, dino_path = os.environ["CORE_JAX_CLIP_PATH"], os.environ["CORE_JAX_DINO_PATH"]
+    photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee()]
+    prompts = ["a photo of an astronaut", "a photo of a cat", "a photo of a cup of coffee"]
+    clip = scores.ClipEmbedder(clip_path, batch_size=4)
+    ours = scores.clip_t(clip.images(photos), clip.texts(prompts))
+    reference = metrics.ClipScorer(clip_path)
+    want = [metrics.clip_t(reference, photo[None], [prompt])
+            for photo, prompt in zip(photos, prompts, strict=True)]
+    # Real models: 24 layers of width 1024; fp32 embeddings agree to ~1e-5, cosines the same.
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+    matrix = clip.images(photos) @ clip.texts(prompts).T
+    assert (matrix.argmax(axis=1) == np.arange(3)).all()  # each photo finds its own prompt
+
+    dino = scores.DinoEmbedder(dino_path, batch_size=4)
+    model = transformers.AutoModel.from_pretrained(dino_path).eval()
+    pixels = dino.images.processing(photos).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        cls = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state[:, 0]
+    want = torch.nn.functional.normalize(cls, dim=-1).numpy()
+    np.testing.assert_allclose(dino.images(photos) @ want.T, want @ want.T, atol=1e-4)

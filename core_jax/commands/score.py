@@ -21,6 +21,8 @@ _OUT = flags.DEFINE_string("out", None, "where scores.jsonl and results.json go 
                            "(default: --images)")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "images per forward pass (one compile per "
                               "model)", lower_bound=1)
+_PICKLE = flags.DEFINE_bool("allow_pickle", False, "read pickled .bin weights of a model folder "
+                            "without safetensors (pickles can run code: only for files you trust)")
 flags.mark_flags_as_required(["images", "prompts", "references", "clip", "dino"])
 
 
@@ -33,5 +35,5 @@ def main(argv: list[str]) -> None:
     run_reporting_input_errors(
         score_folder, _IMAGES.value, _PROMPTS.value, _REFERENCES.value, _CLIP.value,
         _DINO.value, class_word=_CLASS_WORD.value, placeholder=_PLACEHOLDER.value,
-        out=_OUT.value, batch_size=_BATCH.value,
+        out=_OUT.value, batch_size=_BATCH.value, allow_pickle=_PICKLE.value,
     )

@@ -109,7 +109,7 @@ def score_folder(
     images: str | Path, prompts: str | Path, references: str | Path, clip: str | Path,
     dino: str | Path, class_word: str = "", placeholder: str = "S*",
     out: str | Path | None = None, batch_size: int = scores.BATCH_SIZE,
-    echo: Callable[[str], Any] = print,
+    allow_pickle: bool = False, echo: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Score the folder, write `scores.jsonl` and `results.json` into `out` (default: the
     image folder) and return the results."""
@@ -118,12 +118,12 @@ def score_folder(
     out = images if out is None else Path(out)
     photos = scores.image_files(references)
 
-    clip_model = scores.ClipEmbedder(clip, batch_size)
+    clip_model = scores.ClipEmbedder(clip, batch_size, allow_pickle)
     texts = [scores.clip_t_text(r.prompt, placeholder, r.class_word) for r in rows]
     generated = clip_model.images([r.image for r in rows])
     clip_t = scores.clip_t(generated, clip_model.texts(texts))
     clip_i = scores.mean_similarity(generated, clip_model.images(photos))
-    dino_model = scores.DinoEmbedder(dino, batch_size)
+    dino_model = scores.DinoEmbedder(dino, batch_size, allow_pickle)
     dino_scores = scores.mean_similarity(dino_model.images([r.image for r in rows]),
                                          dino_model.images(photos))
 

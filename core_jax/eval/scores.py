@@ -100,9 +100,11 @@ class ClipEmbedder:
     """CLIP image and text embeddings (projected, unit norm) of a transformers `CLIPModel`
     folder with its tokenizer."""
 
-    def __init__(self, folder: str | Path, batch_size: int = BATCH_SIZE):
+    def __init__(self, folder: str | Path, batch_size: int = BATCH_SIZE,
+                 allow_pickle: bool = False):
         folder = Path(folder)
-        vision, vision_params, text, text_params = weights.load_clip(folder)
+        vision, vision_params, text, text_params = weights.load_clip(
+            folder, allow_pickle=allow_pickle)
         self.tokenizer = load_tokenizer(folder)
         self.max_length = text.config.max_position_embeddings
         self.batch_size = batch_size
@@ -125,9 +127,10 @@ class ClipEmbedder:
 class DinoEmbedder:
     """Class-token embeddings (unit norm) of a DINO (ViT) or DINOv2 folder."""
 
-    def __init__(self, folder: str | Path, batch_size: int = BATCH_SIZE):
+    def __init__(self, folder: str | Path, batch_size: int = BATCH_SIZE,
+                 allow_pickle: bool = False):
         folder = Path(folder)
-        module, params = weights.load_dino(folder)
+        module, params = weights.load_dino(folder, allow_pickle=allow_pickle)
         family = module.config.model_type
         # DINOv2 takes any multiple of its patch size (positions are interpolated); ViT only
         # its own image size.

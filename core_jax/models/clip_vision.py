@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -69,8 +70,7 @@ class CLIPVisionEmbeddings(nn.Module):
         return jnp.concatenate([cls, patches], axis=1) + positions[None].astype(self.dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@flax.struct.dataclass
 class VisionOutput:
     last_hidden_state: jax.Array  # [B, 1 + patches, D], before the post-layernorm
     image_embeds: jax.Array  # [B, projection_dim]: the class token, post-normed and projected
