@@ -7,6 +7,10 @@
   AUTOMATIC1111's webui and ComfyUI load from their embeddings folder; the file name (without
   `.safetensors`) is the prompt word there.
 - `export_unet`: a diffusers `unet/` folder (`core_jax.weights.save_unet`).
+- `save_lora`: U-Net LoRA adapters as `pytorch_lora_weights.safetensors`, peft/diffusers names,
+  which `StableDiffusionPipeline.load_lora_weights(folder)` finds by that name; and with
+  `kohya=True` kohya's names (`lora_unet_...lora_down/lora_up/alpha`), the file AUTOMATIC1111
+  and ComfyUI load from their LoRA folder (`<lora:name:1>` in the webui's prompt).
 
 Every export is whole or absent: it is written under a temporary name in the destination's
 folder and renamed into place, so a crash or error never leaves a partial file behind.
@@ -24,9 +28,11 @@ import safetensors.numpy
 from core_jax import weights
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes, temp_sibling
+from core_jax.methods.lora import LoraAdapters, kohya_state_dict, peft_state_dict
 from core_jax.models.unet import UNet2DConditionModel
 
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
+LORA_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 A1111_KEY = "emb_params"
 
 
@@ -45,7 +51,7 @@ def _output_file(path: str | os.PathLike, default_name: str) -> Path:
     if path.is_dir():
         return path / default_name
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: embedding files must end in .safetensors")
+        raise ValueError(f"{path}: exported files must end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -151,6 +157,19 @@ def export_unet(
     return target
 
 
+def save_lora(path: str | os.PathLike, adapters: LoraAdapters, kohya: bool = False) -> Path:
+    """Write one run's U-Net adapters (no concept axis) as safetensors: peft/diffusers names,
+    or kohya's with `kohya=True`. `path` is a `.safetensors` file or an existing folder (then
+    `pytorch_lora_weights.safetensors` inside it). Returns the file written."""
+    state = kohya_state_dict(adapters) if kohya else peft_state_dict(adapters)
+    if not all(np.all(np.isfinite(v)) for v in state.values()):
+        raise ValueError("LoRA weights contain NaN or infinity; refusing to export them")
+    out = _output_file(path, LORA_NAME)
+    metadata = {"format": "pt"}  # what diffusers' own save_lora_weights writes
+    atomic_write_bytes(out, lambda: safetensors.numpy.save(state, metadata))
+    return out
+
+
 def file_stem(name: str) -> str:
     """A concept name as a file name: A1111 and ComfyUI take the prompt word from it."""
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")
@@ -164,12 +183,14 @@ def export_concept(
     placeholder: str,
     vectors: np.ndarray | None = None,
     unet: tuple[UNet2DConditionModel, weights.Params] | None = None,
+    lora: LoraAdapters | None = None,
     step: int | None = None,
 ) -> dict[str, Path]:
     """Everything a run hands to other tools, written the one way every run writes it:
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
     for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
-    params). Returns what was written, by kind."""
+    params), `pytorch_lora_weights.safetensors` (diffusers) and `a1111/lora/<name>.safetensors`
+    (kohya: A1111, ComfyUI) for U-Net adapters. Returns what was written, by kind."""
     folder = Path(folder)
     written = {}
     if vectors is not None:
@@ -183,4 +204,10 @@ def export_concept(
         )
     if unet is not None:
         written["unet"] = export_unet(folder, *unet)
+    if lora is not None:
+        written["lora"] = save_lora(folder / LORA_NAME, lora)
+        (folder / "a1111" / "lora").mkdir(parents=True, exist_ok=True)
+        written["lora_kohya"] = save_lora(
+            folder / "a1111" / "lora" / f"{file_stem(name)}.safetensors", lora, kohya=True
+        )
     return written

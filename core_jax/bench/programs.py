@@ -106,7 +106,8 @@ def stage_setup(setup: Setup, methods: Sequence[str], **keys: Any) -> Setup:
     program = build_program(stages, setup.program.models, setup.schedule.prediction_type)
     embeds = setup.state.params["embeds"]
     params = stage_params(
-        [program], 0, {"embeds": embeds}, setup.data, setup.frozen, int(embeds.shape[1])
+        [program], 0, {"embeds": embeds}, setup.data, setup.frozen, int(embeds.shape[1]),
+        setup.state.rng,
     )
     return dataclasses.replace(
         setup, program=program, numbers=stage_numbers(stages),

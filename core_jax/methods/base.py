@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 Numbers = Mapping[str, jax.Array]  # one concept's per-run numbers, each a scalar
+UNetCall = Callable[[Any], Any]  # U-Net params -> the U-Net's outputs, its inputs bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,30 @@ class Hook:
     apply: Callable[[dict[str, jax.Array], Any, jax.Array, Numbers], tuple[dict, Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """A parameter group a method adds to a run (its key in the run's params, e.g. "lora"): how
+    its first value is made and, if the U-Net reads it, how a U-Net call uses it. Only what a
+    group holds is per run; the frozen models stay one shared copy, so a group is all a new
+    method needs to pack C runs against one U-Net.
+
+    `unet_call` runs per run, inside the step's trace (vmapped over packed runs, so it sees one
+    run's value without the concept axis). Several groups of a run compose in name order, the
+    first outermost."""
+
+    # (settings of the stage that first trains it, concept data, frozen params {"text", "unet"},
+    #  vectors per placeholder, raw keys [C, 2] of the C packed runs) -> the first value, every
+    # leaf [C, ...]. The keys are the group's own (see `core_jax.train.stages.initial_group`).
+    init: Callable[[Settings, Any, Mapping[str, Any], int, jax.Array], Any]
+    # (call, the U-Net params it would use, one run's value) -> call's outputs: call it with
+    # other params (a per-run U-Net), or around an interceptor (adapters). None: the U-Net does
+    # not read the group.
+    unet_call: Callable[[UNetCall, Any, Any], Any] | None = None
+    # (U-Net params, one run's value) -> the U-Net params the run amounts to (for sampling and
+    # merged exports; never inside the step). Required with `unet_call`.
+    merge: Callable[[Any, Any], Any] | None = None
+
+
 def _none(settings: Settings) -> tuple:
     return ()
 
@@ -70,6 +95,8 @@ class Method:
     choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # Parameter groups it trains, each with the key of its learning rate.
     trains: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Parameter groups it defines (a method may train a group another method defines).
+    groups: Mapping[str, ParamGroup] = dataclasses.field(default_factory=dict)
     # Groups that must be trained by some method of the same stage for this one to make sense.
     needs_trained: tuple[str, ...] = ()
     terms: Callable[[Settings], tuple[Term, ...]] = _none

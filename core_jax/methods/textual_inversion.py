@@ -2,10 +2,29 @@
 
 Multi-vector when `concept.num_vectors` > 1 (each placeholder token gets its own vector).
 The other text-side methods (CoRe, the thesis terms) add their terms on top of this one.
+It defines the group "embeds", which every run has (the caption names S*).
 """
 
-from core_jax.methods.base import Method
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from core_jax.methods.base import Method, ParamGroup, Settings
 from core_jax.methods.diffusion_term import DEFAULTS, diffusion_only
+
+
+def _init_embeds(
+    settings: Settings, data: Any, frozen: Mapping[str, Any], num_vectors: int, keys: jax.Array
+) -> jax.Array:
+    """Every vector starts at the super-category's embedding: [C, V, D]."""
+    return jnp.repeat(data.super_embed[:, None], num_vectors, axis=1)
+
+
+EMBEDS = ParamGroup(init=_init_embeds)
 
 METHOD = Method(
     name="textual_inversion",
@@ -13,6 +32,7 @@ METHOD = Method(
     defaults=DEFAULTS,
     source="arXiv 2208.01618; METHODS.md",
     trains={"embeds": "learning_rate"},
+    groups={"embeds": EMBEDS},
     terms=diffusion_only,
 )
 

@@ -20,8 +20,9 @@ batch rows [b_l].
 | data_shards | [C] | how many devices split the rows (for batch sums) |
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
-Where a stage trains each run's own U-Net ("unet" in the params), U-Net calls are vmapped over
-concepts; otherwise all rows go through the one frozen U-Net in one call.
+Where a run has parameter groups the U-Net reads (its own U-Net copy "unet", adapters "lora";
+`core_jax.methods.ParamGroup.unet_call`), U-Net calls are vmapped over concepts with the frozen
+U-Net shared (unbatched); otherwise all rows go through the one frozen U-Net in one call.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
+from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
 from core_jax.text import encode_with_learned, placeholder_slots
 from core_jax.train.state import ConceptData
@@ -123,6 +125,31 @@ def closure(names: set[str]) -> frozenset[str]:
     return frozenset(needed)
 
 
+def unet_groups(params: dict[str, Any]) -> list[str]:
+    """The groups of a run's params that the U-Net reads, in the order they compose."""
+    return [name for name in sorted(params) if group_of(name).unet_call is not None]
+
+
+def with_groups(call: UNetCall, values: dict[str, Any]) -> UNetCall:
+    """`call` (U-Net params -> outputs) as one run's groups `values` (each without the concept
+    axis) make it; the first group in name order is outermost."""
+    for name in sorted(values, reverse=True):
+        use = group_of(name).unet_call
+
+        def call(unet_params: Any, use=use, inner=call, value=values[name]) -> Any:
+            return use(inner, unet_params, value)
+
+    return call
+
+
+def merged_unet(params: dict[str, Any], unet_params: Any) -> Any:
+    """The U-Net params one run (its params without the concept axis) amounts to: for sampling
+    and exports, never inside the step."""
+    for name in unet_groups(params):
+        unet_params = group_of(name).merge(unet_params, params[name])
+    return unet_params
+
+
 class Passes:
     """The step's shared computations for the local concepts; `passes[name]` computes on first
     use. `needs` (the closure of what the present terms read) lets computations that can share a
@@ -175,14 +202,22 @@ class Passes:
             out = unet.apply({"params": params}, x, t, ctx, mutable=mutable)
             return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
 
-        if "unet" in self.params:  # each concept's own U-Net: concept-major rows
-            args = (self.params["unet"], jnp.concatenate([x] * n, axis=1),
-                    jnp.concatenate([t] * n, axis=1), jnp.concatenate(per_row, axis=1))
-            if concepts == 1:  # one run: a plain call (vmap would batch the convolutions' kernels)
-                out = apply(*jax.tree.map(lambda a: a[0], args))
+        groups = unet_groups(self.params)
+        if groups:  # each concept's own call, concept-major rows, the frozen U-Net shared
+            frozen_unet = self.frozen["unet"]
+
+            def run(values: dict[str, Any], x: jax.Array, t: jax.Array, ctx: jax.Array):
+                call = with_groups(lambda unet_params: apply(unet_params, x, t, ctx), values)
+                return call(frozen_unet)
+
+            args = ({name: self.params[name] for name in groups},
+                    jnp.concatenate([x] * n, axis=1), jnp.concatenate([t] * n, axis=1),
+                    jnp.concatenate(per_row, axis=1))
+            if concepts == 1:  # one run: a plain call (vmap would batch a U-Net copy's kernels)
+                out = run(*jax.tree.map(lambda a: a[0], args))
                 pred, stats = jax.tree.map(lambda a: a[None], out)
             else:
-                pred, stats = jax.vmap(apply)(*args)  # [C, n b, ...], [C, L, n b, T]
+                pred, stats = jax.vmap(run)(*args)  # [C, n b, ...], [C, L, n b, T]
             split = lambda a, k, axis: jax.lax.slice_in_dim(  # noqa: E731
                 a, k * rows, (k + 1) * rows, axis=axis)
             return [(split(pred, k, 1), None if stats is None else split(stats, k, 2))

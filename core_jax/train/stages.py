@@ -5,10 +5,14 @@ optimizer, steps and a batch. This module turns a run's config into each stage's
 Stages are the config's `stage1`, `stage2`, ... in order; a stage after the first with
 `steps = 0` is skipped. CoRe is [embedding stage, U-Net stage]; a three-stage method adds
 `stage3` to its config.
+
+A group's first value is made by its definition (`core_jax.methods.ParamGroup`) when the first
+stage that trains it begins; later stages carry it.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,13 +22,10 @@ import ml_collections
 import numpy as np
 
 from core_jax.errors import InputError
-from core_jax.methods import METHODS, Method, Settings, Term, get_method
+from core_jax.methods import METHODS, Method, Settings, Term, get_method, group_of
 from core_jax.train.passes import StepModels
 from core_jax.train.state import ConceptData
 from core_jax.train.step import Numbers, StageProgram, make_optimizer
-
-# Parameter groups a method may train, and how a run's first value of each is made.
-GROUPS = ("embeds", "unet")
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -72,6 +73,8 @@ def check_stage(name: str, stage: ml_collections.ConfigDict) -> None:
                 raise InputError(f"{name}.{key} is {stage[key]} but {name}.methods does not list "
                                  f"{other.name}; add it or set the weight to 0")
     trained = {g for m in methods for g in m.trains}
+    for group in sorted(trained):
+        group_of(group)  # one line for a group no method defines
     if not trained:
         raise InputError(f"{name}.methods {tuple(stage.methods)} train nothing; add a method "
                          "that trains parameters (textual_inversion, unet_finetune, ...)")
@@ -118,6 +121,7 @@ def build_program(
         hooks=tuple(hooks),
         optimizer=make_optimizer(first.weight_decay, first.b1, first.b2,
                                  clip_norm=first.clip_norm or None),
+        settings=settings,
     )
 
 
@@ -127,31 +131,39 @@ def stage_numbers(stages: Sequence[ml_collections.ConfigDict]) -> Numbers:
             for key in number_keys(stages[0])}
 
 
+def group_keys(group: str, keys: jax.Array) -> jax.Array:
+    """A group's own raw keys [C, 2] from the runs' stage keys [C, 2]: folded with a salt of its
+    name, so it draws nothing another group or the step's batches draw (those fold in step
+    numbers, far below any salt in practice)."""
+    salt = zlib.crc32(group.encode()) & 0x7FFFFFFF
+    return jax.vmap(lambda k: jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(k), salt)))(keys)
+
+
 def initial_group(
-    group: str, data: ConceptData, frozen: dict[str, Any], num_vectors: int
+    group: str, settings: Settings, data: ConceptData, frozen: dict[str, Any], num_vectors: int,
+    keys: jax.Array,
 ) -> Any:
-    """A parameter group's first value for the C packed runs (leading axis C)."""
-    num_concepts = data.super_embed.shape[0]
-    if group == "embeds":  # every vector starts at the super-category's embedding
-        return jnp.repeat(data.super_embed[:, None], num_vectors, axis=1)  # [C, V, D]
-    if group == "unet":  # each run its own copy of the frozen U-Net
-        return jax.tree.map(
-            lambda p: jnp.broadcast_to(p, (num_concepts,) + p.shape), frozen["unet"]
-        )
-    raise InputError(f"no parameter group {group!r}; known: {', '.join(GROUPS)}")
+    """A parameter group's first value for the C packed runs (leading axis C), made as its
+    method defines, with the settings of the stage that first trains it and the runs' stage
+    keys [C, 2]."""
+    return group_of(group).init(settings, data, frozen, num_vectors, group_keys(group, keys))
 
 
 def stage_params(
     programs: Sequence[StageProgram], index: int, params: dict[str, Any], data: ConceptData,
-    frozen: dict[str, Any], num_vectors: int,
+    frozen: dict[str, Any], num_vectors: int, keys: jax.Array,
 ) -> dict[str, Any]:
     """The run's parameters entering stage `index`: those it has, plus first values of the
-    groups this stage trains for the first time. The learned vectors always exist (the caption
-    names S*)."""
+    groups this stage trains for the first time (`keys` [C, 2]: the runs' keys of this stage,
+    `core_jax.train.state.stage_keys`). The learned vectors always exist (the caption names
+    S*)."""
     params = dict(params)
-    for group in ("embeds", *programs[index].trains):
+    program = programs[index]
+    for group in ("embeds", *program.trains):
         if group not in params:
-            params[group] = initial_group(group, data, frozen, num_vectors)
+            params[group] = initial_group(group, program.settings, data, frozen, num_vectors,
+                                          keys)
     return params
 
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from core_jax.diffusion import NoiseSchedule
-from core_jax.methods import Hook, Term
+from core_jax.methods import Hook, Settings, Term
 from core_jax.train.parallel import CONCEPT_AXIS, DATA_AXIS, jit_on_mesh
 from core_jax.train.passes import Batch, Passes, StepModels, closure, draw_batch
 from core_jax.train.state import ConceptData, TrainState
@@ -42,6 +42,7 @@ class StageProgram:
     terms: tuple[Term, ...]
     hooks: tuple[Hook, ...]
     optimizer: optax.GradientTransformation  # without learning rate; applied per concept
+    settings: Settings  # what the methods were built with; a group's first value reads it too
 
     @functools.cached_property
     def needs(self) -> frozenset[str]:

@@ -105,14 +105,15 @@ def random_setup(
     schedule = make_schedule()
     program = build_program(stages, step_models, schedule.prediction_type)
     frozen = {"text": models.params["text"], "unet": models.params["unet"]}
-    params = stage_params([program], 0, {}, data, frozen, num_vectors)
+    keys = stage_keys([s.seed for s in specs], 0)
+    params = stage_params([program], 0, {}, data, frozen, num_vectors, keys)
     return Setup(
         text_encoder=models.text_encoder,
         unet=models.unet,
         frozen=frozen,
         data=data,
         numbers=stage_numbers(stages),
-        state=init_state(program, params, stage_keys([s.seed for s in specs], 0)),
+        state=init_state(program, params, keys),
         program=program,
         schedule=schedule,
     )
