@@ -277,22 +277,33 @@ def load_vae(
     )
 
 
-def _transformers_folder(folder: str | os.PathLike, what: str, model_types: tuple[str, ...]
-                         ) -> tuple[Path, dict[str, Any]]:
-    """A transformers model folder whose config.json names one of `model_types`."""
+def transformers_folder(
+    folder: str | os.PathLike, what: str, model_types: tuple[str, ...]
+) -> Path:
+    """`folder`, checked to be a transformers model folder whose config.json names one of
+    `model_types`; InputError (one line) otherwise."""
     directory = Path(folder)
     if not (directory / "config.json").is_file():
         raise InputError(f"{what} model folder {directory} has no config.json")
     try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{directory / 'config.json'} is not readable JSON ({err})") from err
-    if config.get("model_type") not in model_types:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise InputError(f"{directory / 'config.json'} is not a readable JSON object") from err
+    if model_type not in model_types:
         raise InputError(
             f"{directory} is not a {what} model folder: its config.json says model_type "
-            f"{config.get('model_type')!r}, expected {' or '.join(model_types)}"
+            f"{model_type!r}, expected {' or '.join(model_types)}"
         )
-    return directory, config
+    return directory
+
+
+def _transformers_config(directory: Path, read: Callable[[Path], Any]) -> Any:
+    """transformers' own reading of config.json: it fills what an older or diffed file leaves
+    out (sub-config defaults, legacy keys)."""
+    try:
+        return read(directory)
+    except (OSError, TypeError, ValueError) as err:
+        raise InputError(f"{directory / 'config.json'}: {err}") from err
 
 
 def _convert_part(
@@ -310,11 +321,10 @@ def load_clip(
 ) -> tuple[CLIPVisionModelWithProjection, Params, CLIPTextModelWithProjection, Params]:
     """Both towers of a transformers `CLIPModel` folder (openai/clip-vit-large-patch14, ...):
     (vision module, its params, text module, its params); `logit_scale` is not needed."""
-    directory, _ = _transformers_folder(folder, "CLIP", ("clip",))
+    directory = transformers_folder(folder, "CLIP", ("clip",))
     from transformers import CLIPConfig
 
-    # transformers fills what an older or diffed config.json leaves out of the two sub-configs.
-    config = CLIPConfig.from_pretrained(directory)
+    config = _transformers_config(directory, CLIPConfig.from_pretrained)
     projection = {"projection_dim": config.projection_dim}  # the top-level one is what counts
     try:
         vision = CLIPVisionModelWithProjection(
@@ -337,12 +347,12 @@ def load_dino(
 ) -> tuple[ViTModel, Params]:
     """A transformers `ViTModel` (DINO, facebook/dino-vits16) or `Dinov2Model` folder. The ViT
     pooler and the mask token are skipped: the DINO score reads the class token."""
-    directory, _ = _transformers_folder(folder, "DINO", ("vit", "dinov2"))
+    directory = transformers_folder(folder, "DINO", ("vit", "dinov2"))
     from transformers import AutoConfig
 
+    config = _transformers_config(directory, AutoConfig.from_pretrained)
     try:
-        module = ViTModel(ViTConfig.from_dict(AutoConfig.from_pretrained(directory).to_dict()),
-                          dtype)
+        module = ViTModel(ViTConfig.from_dict(config.to_dict()), dtype)
     except (TypeError, ValueError) as err:
         raise InputError(f"{directory / 'config.json'}: {err}") from err
     state = read_weights(directory, "model", allow_pickle)

@@ -237,8 +237,10 @@ def test_preflight_reports_every_problem_one_line_each(tmp_path, clip_folder, di
     assert lines[0].endswith("no image " + str(images / "1.png"))
     assert "line 4: expected a JSON object" in lines[1]
     assert lines[2] == f"--references {tmp_path / 'nope'} is not a folder"
-    assert "--clip" in lines[3] and "model_type 'vit', expected clip" in lines[3]
-    assert "--dino" in lines[4] and "model_type 'clip', expected vit or dinov2" in lines[4]
+    assert lines[3] == (f"--clip: {dino_folder} is not a CLIP model folder: its config.json "
+                        "says model_type 'vit', expected clip")
+    assert lines[4].startswith("--dino: ")
+    assert lines[4].endswith("model_type 'clip', expected vit or dinov2")
     with pytest.raises(InputError, match="class word ' ' gives no tokens"):
         (images / "1.png").write_bytes((images / "0.png").read_bytes())
         prompts.write_text(prompts.read_text().replace("not json\n", ""))
@@ -258,7 +260,7 @@ def test_score_command_exit_codes(tmp_path, clip_folder, dino_folder):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.splitlines() == [
         f"core-jax: --references {tmp_path / 'nope'} is not a folder",
-        f"core-jax: --clip {tmp_path} is not a CLIP model folder (no config.json)",
+        f"core-jax: --clip: CLIP model folder {tmp_path} has no config.json",
     ]
     good = run("--images", str(images), "--prompts", str(prompts), "--references",
                str(references), "--clip", str(clip_folder), "--dino", str(dino_folder),

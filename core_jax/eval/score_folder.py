@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from core_jax import weights
 from core_jax.errors import InputError
 from core_jax.eval import scores
 from core_jax.files import atomic_write_bytes
@@ -58,21 +59,6 @@ def _read_rows(images: Path, prompts: Path, class_word: str, problems: list[str]
     return rows
 
 
-def _model_folder(folder: Path, flag: str, what: str, types: tuple[str, ...]) -> str | None:
-    """One problem line, or None for a transformers folder of one of `types`."""
-    config = folder / "config.json"
-    if not config.is_file():
-        return f"--{flag} {folder} is not a {what} model folder (no config.json)"
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return f"--{flag} {config} is not readable JSON"
-    if model_type not in types:
-        return (f"--{flag} {folder} is not a {what} model folder: its config.json says "
-                f"model_type {model_type!r}, expected {' or '.join(types)}")
-    return None
-
-
 def preflight(images: Path, prompts: Path, references: Path, clip: Path, dino: Path,
               class_word: str) -> list[Row]:
     """The rows to score, or InputError with every problem found, one line each."""
@@ -85,16 +71,21 @@ def preflight(images: Path, prompts: Path, references: Path, clip: Path, dino: P
     elif not scores.image_files(references):
         problems.append(f"--references {references} has no images "
                         f"({', '.join(scores.IMAGE_SUFFIXES)})")
-    clip_problem = _model_folder(clip, "clip", "CLIP", ("clip",))
-    problems += [p for p in (clip_problem, _model_folder(dino, "dino", "DINO", ("vit", "dinov2")))
-                 if p]
-    if clip_problem is None:
+    clip_ok = True
+    for flag, folder, what, types in [("clip", clip, "CLIP", ("clip",)),
+                                      ("dino", dino, "DINO", ("vit", "dinov2"))]:
+        try:
+            weights.transformers_folder(folder, what, types)
+        except InputError as err:
+            problems.append(f"--{flag}: {err}")
+            clip_ok = clip_ok and flag != "clip"
+    if clip_ok:
         from core_jax.text.tokenizer import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(clip)
         except (FileNotFoundError, OSError, ValueError) as err:
-            problems.append(f"--clip {clip}: no usable tokenizer ({err})")
+            problems.append(f"--clip: {err}")
         else:
             for word in sorted({r.class_word for r in rows} - {""}):
                 if not tokenizer.encode(word, add_special_tokens=False):
