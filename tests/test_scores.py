@@ -147,9 +147,23 @@ def test_clip_scores_equal_the_torch_reference(clip_folder):
     np.testing.assert_allclose(ours.texts(prompts), out.text_embeds.numpy(), atol=COSINE_ATOL)
 
 
-def test_dino_score_equals_the_torch_class_tokens(dino_folder):
-    ours = scores.DinoEmbedder(dino_folder, batch_size=4)
-    model = transformers.ViTModel.from_pretrained(dino_folder).eval()
+@pytest.fixture(scope="module")
+def dinov2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(2)
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, mlp_ratio=2, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+        patch_size=14)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["dino", "dinov2"])
+def test_dino_score_equals_the_torch_class_tokens(request, kind):
+    """DINO v1 at its own 32 px; DINOv2 on its processor's 224 px crops (16 x 16 patches from
+    a 4 x 4 position table, interpolated)."""
+    folder = request.getfixturevalue(f"{kind}_folder")
+    ours = scores.DinoEmbedder(folder, batch_size=4)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
     a, b = _images(2, seed=3), _images(3, size=40, seed=4)
 
     def class_tokens(images):
@@ -161,6 +175,8 @@ def test_dino_score_equals_the_torch_class_tokens(dino_folder):
     want = (class_tokens(a) @ class_tokens(b).T).mean()
     got = scores.mean_similarity(ours.images(list(a)), ours.images(list(b))).mean()
     np.testing.assert_allclose(got, want, atol=COSINE_ATOL)
+    assert ours.images.processing(list(a)).shape[1:3] == ((224, 224) if kind == "dinov2"
+                                                           else (32, 32))
 
 
 def test_batches_are_padded_to_one_shape_and_compiled_once(clip_folder):
