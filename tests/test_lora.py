@@ -25,6 +25,8 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from torch_helpers import jitter, nchw, nhwc  # noqa: E402
+
 from core_jax import weights  # noqa: E402
 from core_jax.errors import InputError  # noqa: E402
 from core_jax.export import LORA_NAME, export_concept  # noqa: E402
@@ -54,23 +56,6 @@ def _assert_close(got, want, rel_tol: float = REL_TOL) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=rel_tol * np.abs(want).max())
 
 
-def _jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random-init models zero some layers (e.g. conv_out); perturb so every weight matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-
-
-def _nhwc(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).detach().numpy()
-
-
 def _trained_adapters(unet_params, rank: int, alpha: float, targets, seed: int) -> LoraAdapters:
     """Adapters as after training: A from the init, B random (at init B = 0 and the adapters
     would change nothing), sized so each adapter moves its layer's output by ~10%."""
@@ -98,8 +83,8 @@ def _ours(module, params, adapters, latents, timesteps, context) -> np.ndarray:
 
 def _theirs(unet, latents, timesteps, context) -> np.ndarray:
     with torch.no_grad():
-        return _nhwc(unet(_nchw(latents), torch.from_numpy(timesteps),
-                          torch.from_numpy(context)).sample)
+        return nhwc(unet(nchw(latents), torch.from_numpy(timesteps),
+                         torch.from_numpy(context)).sample)
 
 
 # --- Targets and init ------------------------------------------------------------------------
@@ -136,7 +121,7 @@ def test_targets_init_and_a_typo_is_one_line(tmp_path):
 def test_adapted_unet_matches_peft_adapters_of_the_same_values(tmp_path):
     """r = 4, alpha = 8 (scale 2), attention and feed-forward targets."""
     torch.manual_seed(1)
-    ref = _jitter(diffusers.UNet2DConditionModel(**SD1_UNET), seed=1)
+    ref = jitter(diffusers.UNet2DConditionModel(**SD1_UNET), seed=1)
     ref.save_pretrained(tmp_path / "unet")
     module, params = weights.load_unet(tmp_path)
     targets = ATTENTION + FEED_FORWARD
@@ -176,7 +161,7 @@ def _tiny_pipeline(seed: int) -> diffusers.StableDiffusionPipeline:
         vae=diffusers.AutoencoderKL.from_config(preset.vae.to_diffusers()),
         text_encoder=transformers.CLIPTextModel(text_config).eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir()),
-        unet=_jitter(unet, seed),
+        unet=jitter(unet, seed),
         scheduler=diffusers.DDIMScheduler(),
         safety_checker=None,
         feature_extractor=None,

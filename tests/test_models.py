@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from torch_helpers import jitter, nchw, nhwc  # noqa: E402
+
 from core_jax import weights  # noqa: E402
 from core_jax.errors import InputError  # noqa: E402
 from core_jax.models.attention import CHUNK  # noqa: E402
@@ -48,23 +50,6 @@ SD2_UNET = dict(
 )
 
 
-def _jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random-init models zero some layers (e.g. conv_out); perturb so every weight matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-
-
-def _nhwc(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).detach().numpy()
-
-
 class ProbabilityRecorder:
     """diffusers attention processor that records per-token mean/var of cross-attention probs."""
 
@@ -86,7 +71,7 @@ class ProbabilityRecorder:
 
 def _unet_case(tmp_path, config: dict, seed: int):
     torch.manual_seed(seed)
-    ref = _jitter(diffusers.UNet2DConditionModel(**config), seed)
+    ref = jitter(diffusers.UNet2DConditionModel(**config), seed)
     ref.save_pretrained(tmp_path / "unet")
     module, params = weights.load_unet(tmp_path)
     rng = np.random.default_rng(seed)
@@ -107,8 +92,8 @@ def test_unet_matches_diffusers_with_attention_stats(tmp_path, config):
     }
     ref.set_attn_processor(processors)
     with torch.no_grad():
-        expected = _nhwc(
-            ref(_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+        expected = nhwc(
+            ref(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
         )
     out, state = module.apply(
         {"params": params}, latents, timesteps, context, mutable=["attn_stats"]
@@ -266,7 +251,7 @@ def test_pooled_output_uses_the_first_end_of_text_with_sd2_padding(tmp_path):
 
 def test_vae_matches_diffusers(tmp_path):
     torch.manual_seed(6)
-    ref = _jitter(diffusers.AutoencoderKL(
+    ref = jitter(diffusers.AutoencoderKL(
         block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
         layers_per_block=1,
@@ -275,11 +260,11 @@ def test_vae_matches_diffusers(tmp_path):
     module, params = weights.load_vae(tmp_path)
     images = np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
-        dist = ref.encode(_nchw(images)).latent_dist
-        decoded = _nhwc(ref.decode(dist.mean).sample)
+        dist = ref.encode(nchw(images)).latent_dist
+        decoded = nhwc(ref.decode(dist.mean).sample)
     mean, logvar = module.apply({"params": params}, images, method=module.encode)
-    assert_close(mean, _nhwc(dist.mean))
-    assert_close(logvar, _nhwc(dist.logvar))
+    assert_close(mean, nhwc(dist.mean))
+    assert_close(logvar, nhwc(dist.logvar))
     out = module.apply({"params": params}, mean, method=module.decode)
     assert_close(out, decoded)
 
@@ -290,7 +275,7 @@ def test_export_round_trip_loads_in_diffusers(tmp_path):
     weights.save_unet(tmp_path / "export" / "unet", module, params)
     again = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").eval()
     with torch.no_grad():
-        args = (_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context))
+        args = (nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context))
         np.testing.assert_array_equal(again(*args).sample.numpy(), ref(*args).sample.numpy())
     _, reloaded = weights.load_unet(tmp_path / "export")
     jax.tree.map(np.testing.assert_array_equal, params, reloaded)
@@ -360,13 +345,13 @@ def test_bench_small_unet_parity(tmp_path):
     """DESIGN.md's bench-small U-Net (64/128/256/256, 16 cross-attention layers, 32x32)."""
     config = get_preset("bench_small").unet.to_diffusers()
     torch.manual_seed(10)
-    ref = _jitter(diffusers.UNet2DConditionModel.from_config(config), 10)
+    ref = jitter(diffusers.UNet2DConditionModel.from_config(config), 10)
     ref.save_pretrained(tmp_path / "unet")
     module, params = weights.load_unet(tmp_path)
     rng = np.random.default_rng(10)
     latents = rng.standard_normal((1, 32, 32, 4)).astype(np.float32)
     context = rng.standard_normal((1, 77, 256)).astype(np.float32)
     with torch.no_grad():
-        expected = _nhwc(ref(_nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample)
+        expected = nhwc(ref(nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample)
     out = module.apply({"params": params}, latents, np.array([500]), context)
     assert_close(out, expected)

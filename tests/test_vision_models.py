@@ -19,6 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from torch_helpers import jitter, nchw  # noqa: E402
+
 from core_jax import weights  # noqa: E402
 from core_jax.errors import InputError  # noqa: E402
 from core_jax.models.vit import bicubic_matrix  # noqa: E402
@@ -27,22 +29,8 @@ ATOL = 1e-4
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def _jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random init sets some weights to constants (layer scales, norms, biases); perturb them
-    so every weight changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def _pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def clip_folder(tmp_path_factory):
         vision_config=dict(TOWER, image_size=32, patch_size=8),
         projection_dim=16,
     )
-    _jitter(transformers.CLIPModel(config)).save_pretrained(folder)
+    jitter(transformers.CLIPModel(config)).save_pretrained(folder)
     return folder
 
 
@@ -66,7 +54,7 @@ def test_clip_vision_tower_matches_transformers(clip_folder):
     with torch.no_grad():
         # vision_model(...).pooler_output is the post-layernormed class token in transformers
         # 4.x and 5.x alike (unlike get_image_features, whose return type changed).
-        ref = model.vision_model(pixel_values=_nchw(pixels))
+        ref = model.vision_model(pixel_values=nchw(pixels))
         ref_embeds = model.visual_projection(ref.pooler_output).numpy()
     out = vision.apply({"params": params}, pixels)
     np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), atol=ATOL,
@@ -88,7 +76,7 @@ def test_clip_text_projection_matches_transformers(clip_folder):
     np.testing.assert_allclose(embeds, ref_embeds, atol=ATOL, rtol=0)
     # CLIPModel's own normalised embeddings: what CLIP-T compares, in either major version.
     with torch.no_grad():
-        both = model(input_ids=torch.from_numpy(ids), pixel_values=_nchw(_pixels(2, 32)))
+        both = model(input_ids=torch.from_numpy(ids), pixel_values=nchw(_pixels(2, 32)))
     unit = np.asarray(embeds) / np.linalg.norm(embeds, axis=-1, keepdims=True)
     np.testing.assert_allclose(unit, both.text_embeds.numpy(), atol=ATOL, rtol=0)
 
@@ -96,12 +84,12 @@ def test_clip_text_projection_matches_transformers(clip_folder):
 def test_dino_vit_matches_transformers(tmp_path):
     torch.manual_seed(1)
     config = transformers.ViTConfig(**TOWER, image_size=32, patch_size=8)
-    _jitter(transformers.ViTModel(config), seed=1).save_pretrained(tmp_path)  # with a pooler
+    jitter(transformers.ViTModel(config), seed=1).save_pretrained(tmp_path)  # with a pooler
     module, params = weights.load_dino(tmp_path)
     model = transformers.ViTModel.from_pretrained(tmp_path).eval()
     pixels = _pixels(2, 32, seed=1)
     with torch.no_grad():
-        ref = model(pixel_values=_nchw(pixels)).last_hidden_state.numpy()
+        ref = model(pixel_values=nchw(pixels)).last_hidden_state.numpy()
     np.testing.assert_allclose(module.apply({"params": params}, pixels), ref, atol=ATOL, rtol=0)
 
 
@@ -114,13 +102,13 @@ def test_dinov2_matches_transformers_with_position_interpolation(tmp_path, size)
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
         image_size=56, patch_size=8, layerscale_value=0.5,
     )
-    _jitter(transformers.Dinov2Model(config), seed=2).save_pretrained(tmp_path)
+    jitter(transformers.Dinov2Model(config), seed=2).save_pretrained(tmp_path)
     module, params = weights.load_dino(tmp_path)
     assert params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].shape == (32, 64)
     model = transformers.Dinov2Model.from_pretrained(tmp_path).eval()
     pixels = _pixels(2, size, seed=2)
     with torch.no_grad():
-        ref = model(pixel_values=_nchw(pixels)).last_hidden_state.numpy()
+        ref = model(pixel_values=nchw(pixels)).last_hidden_state.numpy()
     np.testing.assert_allclose(module.apply({"params": params}, pixels), ref, atol=ATOL, rtol=0)
 
 
