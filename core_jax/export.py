@@ -11,6 +11,9 @@
   which `StableDiffusionPipeline.load_lora_weights(folder)` finds by that name; and with
   `kohya=True` kohya's names (`lora_unet_...lora_down/lora_up/alpha`), the file AUTOMATIC1111
   and ComfyUI load from their LoRA folder (`<lora:name:1>` in the webui's prompt).
+- `save_svdiff`: SVDiff's spectral shifts as `spectral_shifts.safetensors`, one float32 vector
+  per U-Net weight matrix named `<diffusers module>.delta` (svdiff-pytorch's parameter names);
+  the U-Net they make goes out as a `unet/` folder beside it (`export_concept`).
 
 Every export is whole or absent: it is written under a temporary name in the destination's
 folder and renamed into place, so a crash or error never leaves a partial file behind.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
@@ -28,11 +32,13 @@ import safetensors.numpy
 from core_jax import weights
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes, temp_sibling
+from core_jax.methods import svdiff as svdiff_method
 from core_jax.methods.lora import LoraAdapters, kohya_state_dict, peft_state_dict
 from core_jax.models.unet import UNet2DConditionModel
 
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
 LORA_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
+SVDIFF_NAME = "spectral_shifts.safetensors"  # svdiff-pytorch's file name for the shifts
 A1111_KEY = "emb_params"
 
 
@@ -170,6 +176,18 @@ def save_lora(path: str | os.PathLike, adapters: LoraAdapters, kohya: bool = Fal
     return out
 
 
+def save_svdiff(path: str | os.PathLike, deltas: Any) -> Path:
+    """Write one run's spectral shifts (no concept axis; `core_jax.methods.svdiff`) as
+    safetensors, `<diffusers module>.delta` -> [k] float32. `path` is a `.safetensors` file or
+    an existing folder (then `spectral_shifts.safetensors` inside it). Returns the file."""
+    state = svdiff_method.state_dict(deltas)
+    if not all(np.all(np.isfinite(v)) for v in state.values()):
+        raise ValueError("spectral shifts contain NaN or infinity; refusing to export them")
+    out = _output_file(path, SVDIFF_NAME)
+    atomic_write_bytes(out, lambda: safetensors.numpy.save(state, {"format": "pt"}))
+    return out
+
+
 def file_stem(name: str) -> str:
     """A concept name as a file name: A1111 and ComfyUI take the prompt word from it."""
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")
@@ -184,13 +202,15 @@ def export_concept(
     vectors: np.ndarray | None = None,
     unet: tuple[UNet2DConditionModel, weights.Params] | None = None,
     lora: LoraAdapters | None = None,
+    svdiff: Any | None = None,
     step: int | None = None,
 ) -> dict[str, Path]:
     """Everything a run hands to other tools, written the one way every run writes it:
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
     for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
     params), `pytorch_lora_weights.safetensors` (diffusers) and `a1111/lora/<name>.safetensors`
-    (kohya: A1111, ComfyUI) for U-Net adapters. Returns what was written, by kind."""
+    (kohya: A1111, ComfyUI) for U-Net adapters, `spectral_shifts.safetensors` for SVDiff's
+    shifts (whose merged U-Net is `unet`). Returns what was written, by kind."""
     folder = Path(folder)
     written = {}
     if vectors is not None:
@@ -210,4 +230,6 @@ def export_concept(
         written["lora_kohya"] = save_lora(
             folder / "a1111" / "lora" / f"{file_stem(name)}.safetensors", lora, kohya=True
         )
+    if svdiff is not None:
+        written["svdiff"] = save_svdiff(folder / SVDIFF_NAME, svdiff)
     return written

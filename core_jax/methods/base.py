@@ -74,6 +74,12 @@ class ParamGroup:
     # (U-Net params, one run's value) -> the U-Net params the run amounts to (for sampling and
     # merged exports; never inside the step). Required with `unet_call`.
     merge: Callable[[Any, Any], Any] | None = None
+    # (frozen U-Net params) -> values every run of the group reads and none trains (SVDiff's
+    # singular vectors): made once per frozen U-Net, outside any step, and shared by all packed
+    # runs like the frozen models (the step gets them as `frozen[<group>]`,
+    # `core_jax.train.passes.with_shared`). With it, `unet_call` and `merge` take them as a
+    # last argument; they always derive from the frozen U-Net, never from a merged one.
+    shared: Callable[[Any], Any] | None = None
 
 
 def _none(settings: Settings) -> tuple:

@@ -34,7 +34,7 @@ from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.concepts import ConceptSpec, build_concept_data
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
-from core_jax.train.passes import StepModels, merged_unet
+from core_jax.train.passes import StepModels, merged_unet, with_shared
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
     build_program,
@@ -146,6 +146,16 @@ class Group:
         ]
         self.steps = [shard_step(env.mesh, program) for program in self.programs]
         self._pipeline: Pipeline | None = None
+        self._frozen: dict[str, Any] | None = None
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        """The frozen weights its steps read: the models', plus the shared values of the groups
+        its stages train (SVDiff's singular vectors), made once."""
+        if self._frozen is None:
+            trained = [g for program in self.programs for g in program.trains]
+            self._frozen = with_shared(self.env.frozen, trained)
+        return self._frozen
 
     def stage_at(self, step: int) -> int:
         """The stage whose state a checkpoint at global `step` (>= 1) holds."""
@@ -244,7 +254,7 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
     slots, first = pack.slots, pack.runs[0].config
     me, hosts = jax.process_index(), slot_hosts(env.mesh, pack.size)
     owned = [(c, run) for c, run in enumerate(pack.runs) if hosts[c][1] == me]
-    frozen, schedule, total = env.frozen, env.models.schedule, group.ends[-1]
+    frozen, schedule, total = group.frozen, env.models.schedule, group.ends[-1]
 
     # --- Set up: the concepts' data, each stage's per-run numbers --------------------------
     data = group.concept_data(slots, hosts)
@@ -330,7 +340,7 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
 
     # --- The runs' exports and results: only a finished run has them --------------------------
     if len(failed) < len(pack.runs):
-        _export_runs(owned, failed, state, env.models.unet, step)
+        _export_runs(owned, failed, state, env.models.unet, step, env.models.params["unet"])
     close()
     for c, run in owned:
         if is_done(run):  # finished before a kill that cut the pack's writing
@@ -361,20 +371,24 @@ def _log(
 
 def _export_runs(
     owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState, unet: Any,
-    step: int,
+    step: int, base_unet: Any,
 ) -> None:
     """Hand what each run this host owns trained (its vectors, its U-Net if a stage trained
-    one) to other tools."""
+    one, its spectral shifts with the U-Net they make) to other tools."""
     for c, run in owned:
         if c in failed:
             continue
         params = local_slice(state.params, c)
         c_config = run.config.concept
+        unet_folder = (unet, params["unet"]) if "unet" in params else None
+        if "svdiff" in params and unet_folder is None:
+            unet_folder = (unet, jax.device_get(merged_unet(params, base_unet)))
         export.export_concept(
             run.folder, name=c_config.name, placeholder=c_config.placeholder,
             vectors=params["embeds"],
-            unet=(unet, params["unet"]) if "unet" in params else None,
+            unet=unet_folder,
             lora=params.get("lora"),
+            svdiff=params.get("svdiff"),
             step=step,
         )
 

@@ -21,6 +21,7 @@ from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
+from core_jax.train.passes import merged_unet
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -121,7 +122,8 @@ def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
-    """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any."""
+    """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any
+    (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts)."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +132,11 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     unet = None
     if "unet" in params:
         unet = (run_setup.load_models(config).unet, params["unet"])
+    elif "svdiff" in params:
+        models = run_setup.load_models(config)
+        unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
     written = export.export_concept(
         out, name=config.concept.name, placeholder=config.concept.placeholder,
-        vectors=params["embeds"], unet=unet, step=step,
+        vectors=params["embeds"], unet=unet, svdiff=params.get("svdiff"), step=step,
     )
     return list(written.values())

@@ -20,15 +20,17 @@ batch rows [b_l].
 | data_shards | [C] | how many devices split the rows (for batch sums) |
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
-Where a run has parameter groups the U-Net reads (its own U-Net copy "unet", adapters "lora";
-`core_jax.methods.ParamGroup.unet_call`), U-Net calls are vmapped over concepts with the frozen
-U-Net shared (unbatched); otherwise all rows go through the one frozen U-Net in one call.
+Where a run has parameter groups the U-Net reads (its own U-Net copy "unet", adapters "lora",
+spectral shifts "svdiff"; `core_jax.methods.ParamGroup.unet_call`), U-Net calls are vmapped
+over concepts with the frozen U-Net shared (unbatched), and so are the groups' shared values
+(`frozen[<group>]`, see `with_shared`); otherwise all rows go through the one frozen U-Net in
+one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -130,23 +132,47 @@ def unet_groups(params: dict[str, Any]) -> list[str]:
     return [name for name in sorted(params) if group_of(name).unet_call is not None]
 
 
-def with_groups(call: UNetCall, values: dict[str, Any]) -> UNetCall:
+def with_groups(
+    call: UNetCall, values: dict[str, Any], shared: dict[str, Any] | None = None
+) -> UNetCall:
     """`call` (U-Net params -> outputs) as one run's groups `values` (each without the concept
-    axis) make it; the first group in name order is outermost."""
+    axis) make it, with `shared` the shared values of the groups that have them; the first
+    group in name order is outermost."""
     for name in sorted(values, reverse=True):
-        use = group_of(name).unet_call
+        use, extra = group_of(name).unet_call, ()
+        if group_of(name).shared is not None:
+            if not shared or name not in shared:
+                raise ValueError(f"group {name!r} reads shared values the step was not given; "
+                                 "make its frozen weights with passes.with_shared")
+            extra = (shared[name],)
 
-        def call(unet_params: Any, use=use, inner=call, value=values[name]) -> Any:
-            return use(inner, unet_params, value)
+        def call(unet_params: Any, use=use, inner=call, value=values[name], extra=extra) -> Any:
+            return use(inner, unet_params, value, *extra)
 
     return call
 
 
+def with_shared(frozen: dict[str, Any], groups: Iterable[str]) -> dict[str, Any]:
+    """`frozen` ({"text", "unet"}) plus, under its name, the shared values of each of `groups`
+    that has them (`core_jax.methods.ParamGroup.shared`), made from the frozen U-Net: what a
+    step of runs with those groups is given as its frozen weights."""
+    out = dict(frozen)
+    for name in sorted(set(groups)):
+        make = group_of(name).shared
+        if make is not None and name not in out:
+            out[name] = make(frozen["unet"])
+    return out
+
+
 def merged_unet(params: dict[str, Any], unet_params: Any) -> Any:
     """The U-Net params one run (its params without the concept axis) amounts to: for sampling
-    and exports, never inside the step."""
+    and exports, never inside the step. Shared values come from `unet_params` as given (the
+    frozen U-Net), not from what an earlier group merged into it."""
+    frozen_unet = unet_params
     for name in unet_groups(params):
-        unet_params = group_of(name).merge(unet_params, params[name])
+        group = group_of(name)
+        extra = (group.shared(frozen_unet),) if group.shared is not None else ()
+        unet_params = group.merge(unet_params, params[name], *extra)
     return unet_params
 
 
@@ -205,9 +231,11 @@ class Passes:
         groups = unet_groups(self.params)
         if groups:  # each concept's own call, concept-major rows, the frozen U-Net shared
             frozen_unet = self.frozen["unet"]
+            shared = {name: self.frozen[name] for name in groups if name in self.frozen}
 
             def run(values: dict[str, Any], x: jax.Array, t: jax.Array, ctx: jax.Array):
-                call = with_groups(lambda unet_params: apply(unet_params, x, t, ctx), values)
+                call = with_groups(lambda unet_params: apply(unet_params, x, t, ctx), values,
+                                   shared)
                 return call(frozen_unet)
 
             args = ({name: self.params[name] for name in groups},

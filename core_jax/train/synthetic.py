@@ -27,7 +27,7 @@ from core_jax.text import (
     placeholder_string,
 )
 from core_jax.train.concepts import ConceptSpec, build_concept_data
-from core_jax.train.passes import StepModels
+from core_jax.train.passes import StepModels, with_shared
 from core_jax.train.stages import build_program, stage_numbers, stage_params
 from core_jax.train.state import ConceptData, TrainState, stage_keys
 from core_jax.train.step import Numbers, StageProgram, init_state
@@ -104,7 +104,8 @@ def random_setup(
     )
     schedule = make_schedule()
     program = build_program(stages, step_models, schedule.prediction_type)
-    frozen = {"text": models.params["text"], "unet": models.params["unet"]}
+    frozen = with_shared({"text": models.params["text"], "unet": models.params["unet"]},
+                         program.trains)
     keys = stage_keys([s.seed for s in specs], 0)
     params = stage_params([program], 0, {}, data, frozen, num_vectors, keys)
     return Setup(
