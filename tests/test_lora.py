@@ -25,6 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import packing  # noqa: E402
 from torch_helpers import jitter, nchw, nhwc  # noqa: E402
 
 from core_jax import weights  # noqa: E402
@@ -209,8 +210,6 @@ def test_packed_lora_runs_equal_each_alone():
     cross-attention queries, whose 77 keys are mostly the same padding token) turns those ulp
     into up to ~0.3% of its own small value. A mix-up between the runs (learning rates 3x
     apart) moves the adapters by ~1 relative."""
-    from core_jax.train.parallel import make_mesh
-    from core_jax.train.step import shard_step
     from core_jax.train.synthetic import random_setup
 
     def setup():
@@ -220,21 +219,14 @@ def test_packed_lora_runs_equal_each_alone():
             per_run=[{"learning_rate": 1e-3}, {"learning_rate": 3e-3}],
         )
 
-    def run(s, steps: int = 3):
-        step_fn = shard_step(make_mesh(1, jax.devices()[:1]), s.program)
-        state, history = jax.tree.map(jnp.copy, s.state), []  # the step donates its state
-        for _ in range(steps):
-            state, metrics = step_fn(state, *s.args()[1:])
-            history.append(jax.device_get(metrics))
-        return jax.device_get(state), history, step_fn
-
     def vector(adapters: LoraAdapters, c: int) -> np.ndarray:
         return np.concatenate([np.ravel(x[c]) for x in jax.tree.leaves(adapters)])
 
     packed = setup()
     assert set(packed.state.params) == {"embeds", "lora"}  # no U-Net copy in the state
     frozen_before = jax.device_get(packed.frozen)
-    together, history_together, step_fn = run(packed)
+    step_fn = packing.one_device_step(packed)
+    together, history_together = packing.run_steps(packed, step_fn, 3)
     assert step_fn.jitted._cache_size() == 1
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(packed.frozen))
     np.testing.assert_array_equal(together.params["embeds"], packed.state.params["embeds"])
@@ -245,10 +237,8 @@ def test_packed_lora_runs_equal_each_alone():
     assert still == {("mid_block", "attentions_0", "transformer_blocks_0", "attn1", proj)
                      for proj in ("to_q", "to_k")}
     for c in range(2):
-        alone = setup()
-        alone.state, alone.data, alone.numbers = jax.tree.map(
-            lambda x, c=c: x[c:c + 1], (alone.state, alone.data, alone.numbers))
-        state, history, _ = run(alone)
+        alone = packing.alone(setup(), c)
+        state, history = packing.run_steps(alone, packing.one_device_step(alone), 3)
         for h_alone, h_together in zip(history, history_together, strict=True):
             for name in ("loss", "grad_norm"):
                 np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import packing
 import pytest
 
 from core_jax import methods
@@ -32,29 +33,6 @@ TWO = dict(SMALL, num_concepts=2, batch_size=8, lambda_pairwise=0.01, lambda_hin
            hinge_margin=0.9, rescale_start=2, rescale_end=3)
 
 
-def _concept(tree, c: int):
-    return jax.tree.map(lambda x: x[c : c + 1], tree)
-
-
-def _run(setup, step_fn, steps: int):
-    state, history = jax.tree.map(jnp.copy, setup.state), []  # the step donates its state
-    for _ in range(steps):
-        state, metrics = step_fn(state, *setup.args()[1:])
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
-
-
-def _one_device(setup):
-    return shard_step(make_mesh(1, jax.devices()[:1]), setup.program)
-
-
-def _alone(setup, c: int):
-    setup.state, setup.data, setup.numbers = (
-        _concept(setup.state, c), _concept(setup.data, c), _concept(setup.numbers, c)
-    )
-    return setup
-
-
 @pytest.fixture(scope="module")
 def two_concepts():
     return random_setup(**TWO)
@@ -63,8 +41,8 @@ def two_concepts():
 @pytest.fixture(scope="module")
 def two_concepts_result(two_concepts):
     frozen_before = jax.device_get(two_concepts.frozen)
-    step_fn = _one_device(two_concepts)
-    state, history = _run(two_concepts, step_fn, 4)
+    step_fn = packing.one_device_step(two_concepts)
+    state, history = packing.run_steps(two_concepts, step_fn, 4)
     # The frozen weights are arguments and stay bitwise what they were.
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(two_concepts.frozen))
     return state, history, step_fn
@@ -73,8 +51,8 @@ def two_concepts_result(two_concepts):
 def test_concepts_trained_together_equal_each_alone(two_concepts_result):
     together, history_together, _ = two_concepts_result
     for c in range(2):
-        alone = _alone(random_setup(**TWO), c)
-        state, history = _run(alone, _one_device(alone), 4)
+        alone = packing.alone(random_setup(**TWO), c)
+        state, history = packing.run_steps(alone, packing.one_device_step(alone), 4)
         np.testing.assert_allclose(state.params["embeds"][0], together.params["embeds"][c],
                                    rtol=RTOL, atol=ATOL)
         for h_alone, h_together in zip(history, history_together, strict=True):
@@ -109,7 +87,7 @@ def test_sharded_step_equals_one_device(two_concepts, two_concepts_result, conce
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     expected, history_expected, _ = two_concepts_result
     step_fn = shard_step(make_mesh(concept_shards, jax.devices()[:8]), two_concepts.program)
-    state, history = _run(two_concepts, step_fn, 4)
+    state, history = packing.run_steps(two_concepts, step_fn, 4)
     np.testing.assert_allclose(state.params["embeds"], expected.params["embeds"],
                                rtol=RTOL, atol=ATOL)
     # pmean over 8 shards sums in another order: a few ulp of the mean.
@@ -120,7 +98,7 @@ def test_zero_weight_terms_leave_the_graph():
     flops = {}
     for name, weights in {"ti": dict(lambda_emb=0.0, lambda_attn=0.0), "core": {}}.items():
         setup = random_setup(**SMALL, batch_size=2, **weights)
-        step_fn = _one_device(setup)
+        step_fn = packing.one_device_step(setup)
         flops[name] = step_fn.jitted.lower(*setup.args()).cost_analysis()["flops"]
     # CoRe adds a y* U-Net pass with backward and a forward-only y_cat pass.
     assert 2.0 < flops["core"] / flops["ti"] < 3.5
@@ -134,10 +112,10 @@ def test_zero_weight_run_in_a_group_equals_it_alone():
               hinge_margin=0.99)
     packed = random_setup(**SMALL, num_concepts=2, batch_size=2, per_run=[off, on])
     assert {t.name for t in packed.program.terms} >= {"emb", "attn", "pairwise", "hinge"}
-    together, _ = _run(packed, _one_device(packed), 3)
-    alone = _alone(random_setup(**SMALL, num_concepts=2, batch_size=2, **off), 0)
+    together, _ = packing.run_steps(packed, packing.one_device_step(packed), 3)
+    alone = packing.alone(random_setup(**SMALL, num_concepts=2, batch_size=2, **off), 0)
     assert [t.name for t in alone.program.terms] == ["diffusion"]
-    state, _ = _run(alone, _one_device(alone), 3)
+    state, _ = packing.run_steps(alone, packing.one_device_step(alone), 3)
     np.testing.assert_allclose(state.params["embeds"][0], together.params["embeds"][0],
                                rtol=RTOL, atol=ATOL)
 
@@ -164,14 +142,14 @@ def test_nan_in_a_zero_weighted_term_does_not_skip_the_update():
     finally:
         del methods.METHODS["nan_term"]
     before = jax.device_get(packed.state)
-    state, history = _run(packed, _one_device(packed), 2)
+    state, history = packing.run_steps(packed, packing.one_device_step(packed), 2)
     assert np.isnan(history[-1]["nan"]).all()  # the term is NaN for both runs
     assert [int(h["nonfinite"][0]) for h in history] == [0, 0]  # run 0 is not held back...
     assert [int(h["nonfinite"][1]) for h in history] == [1, 1]  # ...run 1 is
     np.testing.assert_array_equal(state.params["embeds"][1], before.params["embeds"][1])
-    ti = _alone(random_setup(**SMALL, num_concepts=2, batch_size=2,
+    ti = packing.alone(random_setup(**SMALL, num_concepts=2, batch_size=2,
                              methods=("textual_inversion",)), 0)
-    alone, _ = _run(ti, _one_device(ti), 2)
+    alone, _ = packing.run_steps(ti, packing.one_device_step(ti), 2)
     np.testing.assert_allclose(state.params["embeds"][0], alone.params["embeds"][0],
                                rtol=RTOL, atol=ATOL)
 
@@ -180,7 +158,7 @@ def test_nonfinite_loss_skips_the_update_and_counts():
     setup = random_setup(**SMALL, batch_size=2, lambda_emb=0.0, lambda_attn=0.0)
     setup.data = setup.data.replace(latent_mean=setup.data.latent_mean.at[:].set(jnp.nan))
     before = jax.device_get(setup.state)
-    state, history = _run(setup, _one_device(setup), 2)
+    state, history = packing.run_steps(setup, packing.one_device_step(setup), 2)
     np.testing.assert_array_equal(state.params["embeds"], before.params["embeds"])
     np.testing.assert_array_equal(state.step, before.step + 2)  # fresh draws each step
     assert [int(h["nonfinite"][0]) for h in history] == [1, 1]

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import packing
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
@@ -186,8 +187,6 @@ def test_packed_svdiff_runs_equal_each_alone():
     relative; the shifts as one vector, relative L2 2e-4 (Adam divides each entry's gradient
     by its own size, so ulp-level differences of near-zero gradients grow to a fraction of an
     update). A mix-up of the runs (learning rates 3x apart) moves the shifts by ~1 relative."""
-    from core_jax.train.parallel import make_mesh
-    from core_jax.train.step import shard_step
     from core_jax.train.synthetic import random_setup
 
     def setup():
@@ -197,14 +196,6 @@ def test_packed_svdiff_runs_equal_each_alone():
             per_run=[{"learning_rate": 1e-3}, {"learning_rate": 3e-3}],
         )
 
-    def run(s, steps: int = 3):
-        step_fn = shard_step(make_mesh(1, jax.devices()[:1]), s.program)
-        state, history = jax.tree.map(jnp.copy, s.state), []  # the step donates its state
-        for _ in range(steps):
-            state, metrics = step_fn(state, *s.args()[1:])
-            history.append(jax.device_get(metrics))
-        return jax.device_get(state), history, step_fn
-
     def vector(deltas, c: int) -> np.ndarray:
         return np.concatenate([np.ravel(x[c]) for x in jax.tree.leaves(deltas)])
 
@@ -212,7 +203,8 @@ def test_packed_svdiff_runs_equal_each_alone():
     assert set(packed.state.params) == {"embeds", "svdiff"}  # no U-Net copy, no factors
     assert set(packed.frozen) == {"text", "unet", "svdiff"}  # the factors: shared, frozen
     frozen_before = jax.device_get(packed.frozen)
-    together, history_together, step_fn = run(packed)
+    step_fn = packing.one_device_step(packed)
+    together, history_together = packing.run_steps(packed, step_fn, 3)
     assert step_fn.jitted._cache_size() == 1
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(packed.frozen))
     np.testing.assert_array_equal(together.params["embeds"], packed.state.params["embeds"])
@@ -224,10 +216,8 @@ def test_packed_svdiff_runs_equal_each_alone():
                      for proj in ("to_q", "to_k")}, still
     assert len(still) < len(moved)
     for c in range(2):
-        alone = setup()
-        alone.state, alone.data, alone.numbers = jax.tree.map(
-            lambda x, c=c: x[c:c + 1], (alone.state, alone.data, alone.numbers))
-        state, history, _ = run(alone)
+        alone = packing.alone(setup(), c)
+        state, history = packing.run_steps(alone, packing.one_device_step(alone), 3)
         for h_alone, h_together in zip(history, history_together, strict=True):
             for name in ("loss", "grad_norm"):
                 np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-5)
