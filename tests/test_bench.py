@@ -216,6 +216,28 @@ def test_each_variant_is_the_program_it_names():
         bench.stage1_program(setup, "unet")
 
 
+def test_method_variants_train_only_their_groups_and_say_how_much():
+    """The U-Net-side methods' steps train their own group against the shared frozen U-Net,
+    with their sources' learning rates; the trainable state per run is what that group and its
+    Adam moments take (LoRA's adapters: a small fraction of a U-Net copy). Built, not compiled."""
+    from core_jax import bench
+
+    setup = bench.build_setup("tiny", 2)
+    sizes = {}
+    for variant, group, lr in (("unet", "unet", 2e-6), ("lora", "lora", 1e-4),
+                               ("svdiff", "svdiff", 1e-3)):
+        staged = bench.variant_setup(setup, variant)
+        assert set(staged.program.trains) == {group} and group in staged.state.params, variant
+        assert tuple(t.name for t in staged.program.terms) == ("diffusion",)
+        assert float(staged.numbers["learning_rate"][0]) == pytest.approx(lr)
+        params = sum(x.nbytes for x in jax.tree.leaves(staged.state.params[group])) / 2**20
+        sizes[variant] = bench.trainable_state_mb(staged)
+        # The group and Adam's two moments.
+        assert sizes[variant] == pytest.approx(3 * params, rel=0.01, abs=0.01), variant
+    assert "svdiff" in bench.variant_setup(setup, "svdiff").frozen  # the SVD, shared
+    assert sizes["lora"] < 0.2 * sizes["unet"] and sizes["svdiff"] < 0.2 * sizes["unet"]
+
+
 def test_torch_reference_loads_one_way_and_knows_the_same_variants():
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")

@@ -27,12 +27,19 @@ from core_jax.bench.programs import (
 )
 from core_jax.bench.reference import load_torch_reference
 from core_jax.bench.report import environment, format_comparison, format_table
-from core_jax.bench.suite import measure_jax, measure_torch, run_scaling, run_suite
+from core_jax.bench.suite import (
+    measure_jax,
+    measure_torch,
+    run_scaling,
+    run_suite,
+    trainable_state_mb,
+)
 
 __all__ = [
     "COMPONENTS", "NO_YNN_CONVOLUTIONS", "STAGE1_TERMS", "TORCH_MATCHED_WEIGHTS",
     "TORCH_VARIANTS", "VARIANTS", "Program", "Result", "build_setup", "environment", "flops",
     "format_comparison", "format_table", "load_torch_reference", "measure_jax", "measure_torch",
     "run_components", "run_scaling", "run_suite", "sample_program", "stage1_program",
-    "step_program", "time_program", "unet_program", "variant_setup", "with_concepts",
+    "step_program", "time_program", "trainable_state_mb", "unet_program", "variant_setup",
+    "with_concepts",
 ]

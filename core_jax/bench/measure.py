@@ -40,6 +40,8 @@ class Result:
     peak_rss_mb: float | None = None  # process RSS, sampled during the first call and steps
     xla_temp_mb: float | None = None  # XLA's scratch buffer for one call (memory analysis)
     device_peak_mb: float | None = None  # accelerators only
+    # What one run trains and carries from step to step: its params and their optimizer state.
+    trainable_mb: float | None = None
     flops: float | None = None
     flops_per_s: float | None = None
     ratio_to_ti: float | None = None  # median_s / the same framework's TI median_s

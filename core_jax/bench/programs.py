@@ -1,13 +1,15 @@
 """The programs the bench times, and how each is built from one random-weight setup.
 
 Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L_emb), `attn`
-(+ L_attn), `core` (both), `core_all` (+ pairwise and hinge), `unet` (the stage-2 step: each
-run's copy of the whole U-Net trains) and `sample` (a 50-step DDIM chain with classifier-free
-guidance).
+(+ L_attn), `core` (both), `core_all` (+ pairwise and hinge); the U-Net-side methods' steps
+(`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
+(rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
+matrix); and `sample` (a 50-step DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
-from the program), `unet` lists `unet_finetune`. Every variant is built on the models, concept
+from the program); a method variant lists its methods with their defaults and the learning
+rate its source trains at. Every variant is built on the models, concept
 data and frozen weights of one `build_setup` (no model is made twice); the program comes from
 the same `build_program` training uses.
 """
@@ -27,6 +29,7 @@ from core_jax.config import STAGE1_METHODS, stage_config
 from core_jax.diffusion import guided, sample
 from core_jax.models import attention
 from core_jax.train.parallel import make_mesh
+from core_jax.train.passes import with_shared
 from core_jax.train.stages import build_program, stage_numbers, stage_params
 from core_jax.train.step import init_state, shard_step
 from core_jax.train.synthetic import Setup, random_setup
@@ -47,10 +50,15 @@ STAGE1_TERMS: dict[str, tuple[str, ...]] = {
     "core": ("lambda_emb", "lambda_attn"),
     "core_all": ("lambda_emb", "lambda_attn", "lambda_pairwise", "lambda_hinge"),
 }
-# Stage 2 as CoRe runs it: the U-Net with AdamW at lr 2e-6 (torch_reference.STAGE2_LR).
-STAGE2_METHODS = ("unet_finetune",)
-STAGE2_KEYS = dict(learning_rate=2e-6)
-VARIANTS = (*STAGE1_TERMS, "unet", "sample")
+# The U-Net-side steps: (methods, stage keys besides batch_size), each method's defaults and
+# its source's learning rate. `unet` is stage 2 as CoRe runs it: AdamW at lr 2e-6
+# (torch_reference.STAGE2_LR).
+METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "unet": (("unet_finetune",), dict(learning_rate=2e-6)),
+    "lora": (("lora",), dict(learning_rate=1e-4)),
+    "svdiff": (("svdiff",), dict(learning_rate=1e-3)),
+}
+VARIANTS = (*STAGE1_TERMS, *METHOD_STAGES, "sample")
 TORCH_VARIANTS = ("ti", "emb", "attn", "core", "core_all", "unet")  # torch_reference.VARIANTS
 
 
@@ -67,8 +75,9 @@ def variant_stage(variant: str) -> tuple[tuple[str, ...], dict[str, Any]]:
     """(methods, stage config keys besides batch_size) of a step variant."""
     if variant in STAGE1_TERMS:
         return STAGE1_METHODS, stage1_keys(variant)
-    if variant == "unet":
-        return STAGE2_METHODS, dict(STAGE2_KEYS)
+    if variant in METHOD_STAGES:
+        methods, keys = METHOD_STAGES[variant]
+        return methods, dict(keys)
     raise ValueError(f"{variant!r} is not a step variant; choose from {VARIANTS[:-1]}")
 
 
@@ -105,12 +114,15 @@ def stage_setup(setup: Setup, methods: Sequence[str], **keys: Any) -> Setup:
     stages *= num_concepts(setup)
     program = build_program(stages, setup.program.models, setup.schedule.prediction_type)
     embeds = setup.state.params["embeds"]
+    frozen = with_shared({"text": setup.frozen["text"], "unet": setup.frozen["unet"]},
+                         program.trains)
     params = stage_params(
-        [program], 0, {"embeds": embeds}, setup.data, setup.frozen, int(embeds.shape[1]),
+        [program], 0, {"embeds": embeds}, setup.data, frozen, int(embeds.shape[1]),
         setup.state.rng,
     )
     return dataclasses.replace(
         setup, program=program, numbers=stage_numbers(stages),
+        frozen=frozen,
         # A copy of the keys: the program donates its state, and `setup` serves every variant.
         state=init_state(program, params, jnp.array(setup.state.rng)),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from core_jax.bench.measure import PeakRss, Result, time_program
@@ -43,6 +44,7 @@ def measure_jax(
     sample_steps: int = 50,
 ) -> Result:
     """Time one JAX variant on `setup` (see the module docstring for what is timed)."""
+    trainable_mb = None
     if variant == "sample":
         program = sample_program(setup, sample_batch, sample_steps)
         flops = sample_flops(setup, program, sample_steps)
@@ -53,12 +55,22 @@ def measure_jax(
         flops = step_flops(staged)
         program = step_program(staged)
         batch, note = staged.program.batch_size * num_concepts(staged), ""
+        trainable_mb = trainable_state_mb(staged)
     timing = time_program(program, steps=steps, warmup=warmup, flops=flops)
     return Result(
         variant=variant, framework="jax", preset=preset, batch=batch,
         concepts=num_concepts(setup), examples_per_s=batch / timing["median_s"],
-        dtype=jnp.dtype(setup.unet.dtype).name, note=note, **timing,
+        dtype=jnp.dtype(setup.unet.dtype).name, trainable_mb=trainable_mb, note=note, **timing,
     )
+
+
+def trainable_state_mb(setup: Setup) -> float:
+    """MB one run trains and carries from step to step: its trained parameter groups and their
+    optimizer state (what a packed run adds; the frozen models are shared)."""
+    state = setup.state
+    trained = [state.params[group] for group in setup.program.trains]
+    nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves((trained, state.opt_state)))
+    return round(nbytes / num_concepts(setup) / 2**20, 2)
 
 
 def measure_torch(
