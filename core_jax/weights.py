@@ -9,6 +9,7 @@ shape for shape against the module's `eval_shape`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,6 +45,7 @@ _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 
 Params = dict[str, Any]
@@ -218,26 +220,22 @@ def _load(
         raise InputError(f"{directory / 'config.json'}: {err}") from err
     expected = init_shapes(module)
     state = read_weights(directory, _WEIGHT_FILES[component], allow_pickle)
-    if component == "text_encoder" and not any(k.startswith("text_model.") for k in state):
-        state = {f"text_model.{k}": v for k, v in state.items()}
+    if component.startswith("text_encoder") and not any(k.startswith("text_model.") for k in state):
+        state = {k if k.startswith("text_projection.") else f"text_model.{k}": v
+                 for k, v in state.items()}
     params = convert_state_dict(state, expected, str(directory))
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params)
     return module, params
 
 
-def text_encoder_shapes(module: CLIPTextModel) -> Params:
+def text_encoder_shapes(module: CLIPTextModel | CLIPTextModelWithProjection) -> Params:
     ids = jnp.zeros((1, module.config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
 
 
 def unet_shapes(module: UNet2DConditionModel) -> Params:
-    c = module.config
-    size = 2 ** (len(c.block_out_channels) - 1)
-    sample = jnp.zeros((1, size, size, c.in_channels))
-    context = jnp.zeros((1, 1, c.cross_attention_dim))
-    return jax.eval_shape(module.init, jax.random.key(0), sample, jnp.zeros((1,)), context)[
-        "params"
-    ]
+    inputs = module.config.example_inputs()
+    return jax.eval_shape(lambda key: module.init(key, **inputs), jax.random.key(0))["params"]
 
 
 def vae_shapes(module: AutoencoderKL) -> Params:
@@ -253,6 +251,18 @@ def load_text_encoder(
     return _load(
         folder, "text_encoder",
         lambda cfg: CLIPTextModel(CLIPTextConfig.from_diffusers(cfg), dtype),
+        text_encoder_shapes, allow_pickle,
+    )
+
+
+def load_text_encoder_2(
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+) -> tuple[CLIPTextModelWithProjection, Params]:
+    """SDXL's second text encoder (`text_encoder_2/`, a `CLIPTextModelWithProjection`) of a
+    diffusers folder, or such a folder itself."""
+    return _load(
+        folder, "text_encoder_2",
+        lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig.from_diffusers(cfg), dtype),
         text_encoder_shapes, allow_pickle,
     )
 
@@ -274,6 +284,45 @@ def load_vae(
     return _load(
         folder, "vae", lambda cfg: AutoencoderKL(VAEConfig.from_diffusers(cfg), dtype),
         vae_shapes, allow_pickle,
+    )
+
+
+@dataclasses.dataclass
+class SDXLModels:
+    """The models of an SDXL diffusers folder; params keyed "text", "text_2", "unet", "vae"."""
+
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    params: dict[str, Params]
+
+
+def load_sdxl(
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+) -> SDXLModels:
+    """Every model of an SDXL diffusers folder (`text_encoder/`, `text_encoder_2/`, `unet/`,
+    `vae/`), checked to fit together: the U-Net's context is both encoders' widths and its
+    added conditioning takes the second encoder's projection."""
+    folder = Path(folder)
+    if not (folder / "text_encoder_2" / "config.json").is_file():
+        raise InputError(f"{folder} has no text_encoder_2/config.json (is it an SDXL folder?)")
+    text_encoder, text_params = load_text_encoder(folder, dtype, allow_pickle)
+    text_encoder_2, text_2_params = load_text_encoder_2(folder, dtype, allow_pickle)
+    unet, unet_params = load_unet(folder, dtype, allow_pickle)
+    vae, vae_params = load_vae(folder, dtype, allow_pickle)
+    widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    if unet.config.addition_embed_type != "text_time":
+        raise InputError(f"{folder / 'unet'}: not an SDXL U-Net (addition_embed_type is not "
+                         '"text_time")')
+    if unet.config.cross_attention_dim != widths:
+        raise InputError(
+            f"{folder}: the U-Net's cross_attention_dim {unet.config.cross_attention_dim} is not "
+            f"the two text encoders' widths together ({widths})"
+        )
+    return SDXLModels(
+        text_encoder, text_encoder_2, unet, vae,
+        {"text": text_params, "text_2": text_2_params, "unet": unet_params, "vae": vae_params},
     )
 
 
@@ -374,7 +423,10 @@ def save_component(
     stem = _WEIGHT_FILES[component]
     atomic_write_bytes(directory / f"{stem}.safetensors",
                        lambda: save(state, metadata={"format": "pt"}))
-    config = module.config.to_diffusers()
+    if isinstance(module, CLIPTextModelWithProjection):
+        config = module.config.to_diffusers("CLIPTextModelWithProjection")
+    else:
+        config = module.config.to_diffusers()
     atomic_write_bytes(directory / "config.json", json.dumps(config, indent=2).encode())
     return directory
 
@@ -385,6 +437,12 @@ def save_unet(folder: str | os.PathLike, module: UNet2DConditionModel, params: P
 
 def save_text_encoder(folder: str | os.PathLike, module: CLIPTextModel, params: Params) -> Path:
     return save_component(folder, "text_encoder", module, params)
+
+
+def save_text_encoder_2(
+    folder: str | os.PathLike, module: CLIPTextModelWithProjection, params: Params
+) -> Path:
+    return save_component(folder, "text_encoder_2", module, params)
 
 
 def save_vae(folder: str | os.PathLike, module: AutoencoderKL, params: Params) -> Path:

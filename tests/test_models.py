@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from torch_helpers import jitter, nchw, nhwc  # noqa: E402
+from torch_helpers import ProbabilityRecorder, jitter, nchw, nhwc  # noqa: E402
 
 from core_jax import weights  # noqa: E402
 from core_jax.errors import InputError  # noqa: E402
@@ -48,25 +48,6 @@ SD1_UNET = dict(
 SD2_UNET = dict(
     SD1_UNET, attention_head_dim=(2, 4, 4, 8), use_linear_projection=True, upcast_attention=True,
 )
-
-
-class ProbabilityRecorder:
-    """diffusers attention processor that records per-token mean/var of cross-attention probs."""
-
-    def __init__(self, log: list):
-        self.log = log
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        batch = hidden_states.shape[0]
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, None)  # [B*H, N, T]
-        per_head = probs.reshape(batch, attn.heads, *probs.shape[1:])
-        self.log.append((per_head.mean(dim=(1, 2)), per_head.var(dim=(1, 2), unbiased=False)))
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 def _unet_case(tmp_path, config: dict, seed: int):

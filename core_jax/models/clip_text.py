@@ -52,9 +52,9 @@ class CLIPTextConfig:
             config["eos_token_id"] = 49407
         return from_json_dict(cls, config)
 
-    def to_diffusers(self) -> dict[str, Any]:
+    def to_diffusers(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
         return {
-            "architectures": ["CLIPTextModel"],
+            "architectures": [architecture],
             "model_type": "clip_text_model",
             "bos_token_id": 49406,
             "pad_token_id": 1,
@@ -229,18 +229,25 @@ class CLIPTextModel(nn.Module):
 
 class CLIPTextModelWithProjection(nn.Module):
     """transformers `CLIPTextModelWithProjection`: the pooled output through `text_projection`
-    (no bias), the text side of CLIP-T. `apply(...) -> (TextEncoderOutput, text_embeds [B, P])`,
-    the embeddings not normalised, as `get_text_features` gives them."""
+    (no bias), the text side of CLIP-T and SDXL's second text encoder (OpenCLIP bigG).
+    `apply(...) -> (TextEncoderOutput, text_embeds [B, P])`, the embeddings not normalised, as
+    `get_text_features` gives them. Learned vectors are injected as in `CLIPTextModel`; SDXL
+    reads the penultimate state, `hidden_states[-2]` with `output_hidden_states`."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        inject_embeds: jax.Array | None = None,
+        inject_mask: jax.Array | None = None,
+        output_hidden_states: bool = False,
     ) -> tuple[TextEncoderOutput, jax.Array]:
         out = CLIPTextTransformer(self.config, self.dtype, name="text_model")(
-            input_ids, attention_mask
+            input_ids, attention_mask, inject_embeds, inject_mask, output_hidden_states
         )
         projection = nn.Dense(
             self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection"

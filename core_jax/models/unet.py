@@ -1,8 +1,9 @@
-"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x) as a Flax linen module.
+"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x / XL) as a Flax linen module.
 
 Same topology and parameter names as diffusers (list indices joined with `_`), channels-last.
 Cross-attention layers sow per-token attention statistics into the `attn_stats` collection; see
-`cross_attention_stats` for their order.
+`cross_attention_stats` for their order. SDXL's added conditioning (`addition_embed_type=
+"text_time"`: the pooled text embedding and the six add-time ids) enters the time embedding.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 # diffusers options this module does not implement, with the value that is supported.
 _UNSUPPORTED_IF_NOT = {
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
     "num_class_embeds": None,
@@ -48,7 +48,17 @@ _UNSUPPORTED_IF_NOT = {
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "mid_block_scale_factor": 1,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "class_embeddings_concat": False,
+    "reverse_transformer_layers_per_block": None,
+    "attention_type": "default",
+    "cross_attention_norm": None,
 }
+ADDITION_EMBED_TYPES = (None, "text_time")
+# SDXL's add-time ids per image: original (h, w), crop top-left (y, x), target (h, w).
+NUM_TIME_IDS = 6
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -57,7 +67,7 @@ def _per_block(value: Any, n: int) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """The subset of diffusers' UNet2DConditionModel config that SD 1.x / 2.x use."""
+    """The subset of diffusers' UNet2DConditionModel config that SD 1.x / 2.x / XL use."""
 
     sample_size: int = 64
     in_channels: int = 4
@@ -82,6 +92,11 @@ class UNetConfig:
     upcast_attention: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # SDXL: "text_time" adds add_embedding(concat(pooled text [P], sinusoids of the 6 time ids
+    # [6 * addition_time_embed_dim])) to the time embedding; the input width is the sum.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("down", DOWN_BLOCK_TYPES), ("up", UP_BLOCK_TYPES)):
@@ -92,6 +107,42 @@ class UNetConfig:
             raise ValueError("down_block_types and block_out_channels differ in length")
         if isinstance(self.layers_per_block, (list, tuple)):
             raise ValueError("per-block layers_per_block is not supported")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"unsupported addition_embed_type {self.addition_embed_type!r}; supported: "
+                f"{ADDITION_EMBED_TYPES}"
+            )
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                'addition_embed_type="text_time" needs addition_time_embed_dim and '
+                "projection_class_embeddings_input_dim"
+            )
+        if any(isinstance(t, (list, tuple)) for t in self.transformer_layers):
+            raise ValueError("per-layer (nested) transformer_layers_per_block is not supported")
+
+    @property
+    def pooled_text_dim(self) -> int | None:
+        """Width of `text_embeds` next to SDXL base's six time ids (1280 for SDXL base)."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - (
+            NUM_TIME_IDS * self.addition_time_embed_dim
+        )
+
+    def example_inputs(self, batch: int = 1) -> dict[str, jax.Array]:
+        """The smallest zero inputs that create every parameter (init, `eval_shape`)."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        inputs = {
+            "sample": jnp.zeros((batch, size, size, self.in_channels)),
+            "timesteps": jnp.zeros((batch,)),
+            "encoder_hidden_states": jnp.zeros((batch, 1, self.cross_attention_dim)),
+        }
+        if self.addition_embed_type == "text_time":
+            inputs["text_embeds"] = jnp.zeros((batch, self.pooled_text_dim))
+            inputs["time_ids"] = jnp.zeros((batch, NUM_TIME_IDS))
+        return inputs
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
@@ -130,6 +181,8 @@ class UNetConfig:
             if len(dims) != 1:
                 raise ValueError("per-block cross_attention_dim is not supported")
             config = {**config, "cross_attention_dim": dims.pop()}
+        if config.get("upcast_attention") is None:  # SDXL's config says null
+            config = {**config, "upcast_attention": False}
         return from_json_dict(cls, config)
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -314,14 +367,24 @@ class UpBlock(_BlockSettings):
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps (or v) = unet(latents [B, H, W, C], timesteps [B] or scalar, context [B, T, D])."""
+    """eps (or v) = unet(latents [B, H, W, C], timesteps [B] or scalar, context [B, T, D]).
+
+    SDXL (`addition_embed_type="text_time"`) also takes `text_embeds` [B, P] (the second text
+    encoder's projected pooled output) and `time_ids` [B, 6] (original size, crop top-left,
+    target size), diffusers' `added_cond_kwargs`.
+    """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
-        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
         c = self.config
         channels = c.block_out_channels
@@ -335,6 +398,10 @@ class UNet2DConditionModel(nn.Module):
 
         t_emb = timestep_embedding(timesteps, channels[0], c.flip_sin_to_cos, c.freq_shift)
         t_emb = TimestepEmbedding(4 * channels[0], self.dtype, name="time_embedding")(t_emb)
+        if c.addition_embed_type == "text_time":
+            t_emb = t_emb + self._text_time_embedding(text_embeds, time_ids, 4 * channels[0])
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds/time_ids given to a U-Net without addition_embed_type")
 
         h = conv3x3(channels[0], "conv_in", self.dtype)(sample.astype(self.dtype))
         skips = [h]
@@ -365,6 +432,27 @@ class UNet2DConditionModel(nn.Module):
         h = GroupNorm(c.norm_num_groups, c.norm_eps, self.dtype, name="conv_norm_out")(h)
         h = conv3x3(c.out_channels, "conv_out", self.dtype)(nn.silu(h))
         return h.astype(jnp.float32)
+
+    def _text_time_embedding(
+        self, text_embeds: jax.Array | None, time_ids: jax.Array | None, dim: int
+    ) -> jax.Array:
+        """add_embedding(concat(text_embeds, sinusoids of each time id)) [B, dim]."""
+        c = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError('addition_embed_type="text_time" needs text_embeds and time_ids')
+        batch = text_embeds.shape[0]
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} make "
+                f"{width} features; projection_class_embeddings_input_dim is "
+                f"{c.projection_class_embeddings_input_dim}"
+            )
+        time_embeds = timestep_embedding(
+            time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift
+        ).reshape(batch, -1)  # [B, n_ids * addition_time_embed_dim]
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        return TimestepEmbedding(dim, self.dtype, name="add_embedding")(add_embeds)
 
 
 def cross_attention_stats(variables: dict, kind: str = "mean") -> jax.Array:

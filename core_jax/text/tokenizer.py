@@ -21,20 +21,23 @@ from core_jax.text.templates import fill_template
 from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
 
 
-def load_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
+def load_tokenizer(
+    folder: str | os.PathLike | None = None, subfolder: str = "tokenizer"
+) -> CLIPTokenizer:
     """CLIP tokenizer: SD 1.x's, built offline, or the one in a diffusers model folder.
 
-    ``folder`` may be a diffusers model folder (its ``tokenizer/`` subfolder is used) or a
-    tokenizer folder itself. Its settings are kept as they are (SD 2.x pads with "!", id 0).
+    ``folder`` may be a diffusers model folder (its ``subfolder`` is used: ``tokenizer/``, or
+    SDXL's ``tokenizer_2/``) or a tokenizer folder itself. Its settings are kept as they are
+    (SD 2.x and SDXL's second tokenizer pad with "!", id 0).
     """
     if folder is None:
         return CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
     folder = Path(folder)
-    for candidate in (folder / "tokenizer", folder):
+    for candidate in (folder / subfolder, folder):
         if (candidate / "vocab.json").is_file() or (candidate / "tokenizer.json").is_file():
             return CLIPTokenizer.from_pretrained(candidate)
     raise FileNotFoundError(
-        f"no tokenizer in {folder}: expected {folder / 'tokenizer'}/vocab.json "
+        f"no tokenizer in {folder}: expected {folder / subfolder}/vocab.json "
         f"or {folder}/vocab.json"
     )
 
