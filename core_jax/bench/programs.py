@@ -4,7 +4,8 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (+ L_attn), `core` (both), `core_all` (+ pairwise and hinge); the U-Net-side methods' steps
 (`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
-matrix); and `sample` (a 50-step DDIM chain with classifier-free guidance).
+matrix), `tto` (CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and
+`sample` (a 50-step DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -57,6 +58,12 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "unet": (("unet_finetune",), dict(learning_rate=2e-6)),
     "lora": (("lora",), dict(learning_rate=1e-4)),
     "svdiff": (("svdiff",), dict(learning_rate=1e-3)),
+    # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
+    # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
+    "tto": (("test_time", "core"), dict(
+        learning_rate=5e-4, rescale_end=0, emb_variant="code", attn_variant="code",
+        lambda_emb=TORCH_MATCHED_WEIGHTS["lambda_emb"],
+        lambda_attn=TORCH_MATCHED_WEIGHTS["lambda_attn"])),
 }
 VARIANTS = (*STAGE1_TERMS, *METHOD_STAGES, "sample")
 TORCH_VARIANTS = ("ti", "emb", "attn", "core", "core_all", "unet")  # torch_reference.VARIANTS

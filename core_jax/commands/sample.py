@@ -1,4 +1,5 @@
-"""core-jax sample --workdir DIR --prompt "a S* in the jungle" [--prompt ...] [--num_images 4]"""
+"""core-jax sample --workdir DIR --prompt "a S* in the jungle" [--prompt ...] [--num_images 4]
+[--tto]"""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m"], "default: th
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "default: the run's config")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _BASE_UNET = flags.DEFINE_bool("base_unet", False, "use the base U-Net, not stage 2's")
+_TTO = flags.DEFINE_bool(
+    "tto", False, "CoRe's test-time optimization: adapt the vectors to each prompt first "
+    "(saved in WORKDIR/tto/); each prompt gets a row with the trained and one with the adapted "
+    "vectors, from the same noise")
+_TTO_STEPS = flags.DEFINE_integer("tto_steps", 10, "test-time optimization steps (paper: 10)")
+_TTO_LR = flags.DEFINE_float("tto_lr", 5e-4, "test-time optimization learning rate (paper: 5e-4)")
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/sample_<time>.png)")
 flags.mark_flags_as_required(["workdir", "prompt"])
 
@@ -31,5 +38,6 @@ def main(argv: list[str]) -> None:
         steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_GUIDANCE.value,
         seed=_SEED.value, use_stage2_unet=not _BASE_UNET.value,
         out=Path(_OUT.value) if _OUT.value else None,
+        tto_steps=_TTO_STEPS.value if _TTO.value else 0, tto_learning_rate=_TTO_LR.value,
     )
     print(f"wrote {path}")

@@ -87,4 +87,14 @@ METHOD = Method(
     hooks=_hooks,
 )
 
-METHODS = (METHOD,)
+# CoRe's test-time optimization (`core_jax.tto`): S*'s vectors move under the regularizers of
+# the stage's other methods only. Listed with "core", it is the paper's TTO stage.
+TEST_TIME = Method(
+    name="test_time",
+    summary="train S*'s vectors with no diffusion loss (with core: CoRe's test-time optimization)",
+    defaults={},
+    source="arXiv 2408.15914 (test-time optimization); shared/DESIGN.md 'CoRe, exactly'",
+    trains={"embeds": "learning_rate"},
+)
+
+METHODS = (METHOD, TEST_TIME)

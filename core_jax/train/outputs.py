@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from core_jax import export, weights
+from core_jax import export, tto, weights
 from core_jax.config import migrate
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError
@@ -77,8 +79,15 @@ def sample_run(
     seed: int,
     use_stage2_unet: bool = True,
     out: Path | None = None,
+    tto_steps: int = 0,
+    tto_learning_rate: float = tto.DEFAULT_LEARNING_RATE,
+    say: Callable[[str], None] = print,
 ) -> Path:
-    """Images of the run's concept for `prompts`, as one PNG grid (a row per prompt)."""
+    """Images of the run's concept for `prompts`, as one PNG grid (a row per prompt).
+
+    With `tto_steps` > 0, CoRe's test-time optimization (`core_jax.tto`) adapts the vectors to
+    each prompt first and saves them as WORKDIR/tto/<prompt>.safetensors; each prompt then has
+    two rows drawn from the same noise: with the trained vectors, then with the adapted ones."""
     config = load_run_config(workdir)
     embeds_path = workdir / "learned_embeds.safetensors"
     if embeds_path.is_file():
@@ -90,21 +99,42 @@ def sample_run(
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
         _, unet_params = weights.load_unet(workdir / "unet")
+    tokenizer = copy.deepcopy(models.tokenizer)  # the models' stays plain (TTO adds its own)
     placeholder_ids = add_placeholder_tokens(
-        models.tokenizer, config.concept.placeholder, config.concept.num_vectors
+        tokenizer, config.concept.placeholder, config.concept.num_vectors
     )
     pipeline = Pipeline(
-        models.tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
+        tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
         models.unet, unet_params, models.vae, models.params["vae"], models.schedule,
         placeholder=config.concept.placeholder,
     )
     expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
-    images = generate(
-        pipeline, expanded, learned, num_images_per_prompt=num_images,
-        steps=steps or config.sample.steps, sampler=sampler or config.sample.sampler,
-        guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
-        seed=seed,
-    )
+
+    def draw(prompts: list[str], vectors: np.ndarray) -> np.ndarray:
+        return generate(
+            pipeline, prompts, vectors, num_images_per_prompt=num_images,
+            steps=steps or config.sample.steps, sampler=sampler or config.sample.sampler,
+            guidance_scale=(config.sample.guidance_scale if guidance_scale is None
+                            else guidance_scale),
+            seed=seed,
+        )
+
+    if tto_steps:
+        optimizer = tto.CoreTTO(config, models, learned, unet_params, steps=tto_steps,
+                                          learning_rate=tto_learning_rate)
+        rows = []
+        for prompt, text in zip(prompts, expanded, strict=True):
+            adapted = optimizer.adapt(prompt)
+            path = export.save_learned_embeds(
+                workdir / "tto" / f"{export.file_stem(prompt)}.safetensors",
+                config.concept.placeholder, adapted.vectors)
+            say(f"test-time optimization of {prompt!r}: " + ", ".join(
+                f"{k} {adapted.first[k]:.4g} -> {adapted.last[k]:.4g}"
+                for k in adapted.first if k != "loss") + f"; vectors in {path}")
+            rows += [draw([text], learned), draw([text], adapted.vectors)]
+        images = np.concatenate(rows)
+    else:
+        images = draw(expanded, learned)
     out = out or workdir / "samples" / f"sample_{time.strftime('%Y%m%d-%H%M%S')}.png"
     return save_image_grid(images, out, nrow=num_images)
 
