@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from core_jax.errors import InputError
 from core_jax.methods import get_method
 
 CONFIG_VERSION = 2
@@ -127,4 +128,15 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
         stage2.setdefault("min_snr_gamma", stage1.get("min_snr_gamma", 0.0))
         saved.setdefault("sample", {}).setdefault("at_end", True)
         saved["version"] = CONFIG_VERSION
+    # A key a method gained after the run was saved takes its default: the behaviour the run
+    # had before the key existed.
+    for name, stage in saved.items():
+        if name.startswith("stage") and isinstance(stage, dict):
+            for method in stage.get("methods", ()):
+                try:
+                    defaults = get_method(method).defaults
+                except InputError:
+                    continue  # check_stage names it in one line
+                for key, value in defaults.items():
+                    stage.setdefault(key, value)
     return saved

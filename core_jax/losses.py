@@ -198,6 +198,32 @@ def pairwise_loss(h_obj: ArrayLike, h_cat: ArrayLike, context_mask: ArrayLike) -
     return jnp.mean(per_example)
 
 
+def pairwise_loss_with_concept(
+    h_obj: ArrayLike, h_cat: ArrayLike, context_mask: ArrayLike, concept_obj: ArrayLike,
+    concept_cat: ArrayLike,
+) -> jax.Array:
+    """The pairwise regularizer as the thesis writes it: the token-cosine matrices span the
+    context tokens and the concept, S* (y*) aligned with the super-category word (y_cat), so the
+    placeholder's interactions with its context must match the super-category's.
+
+    Args:
+      h_obj, h_cat: [B, T, D] text-encoder outputs, aligned on context positions.
+      context_mask: [B, T] bool.
+      concept_obj, concept_cat: [B, D] the concept's encoding in y* and in y_cat (a span of
+        several tokens: their mean).
+
+    Returns:
+      Scalar, mean over the batch: `pairwise_loss` over the context plus one concept slot.
+    """
+    mask = jnp.asarray(context_mask, bool)
+    with_concept = jnp.concatenate([mask, jnp.ones(mask.shape[:-1] + (1,), bool)], axis=-1)
+    return pairwise_loss(
+        jnp.concatenate([_float(h_obj), _float(concept_obj)[..., None, :]], axis=-2),
+        jnp.concatenate([_float(h_cat), _float(concept_cat)[..., None, :]], axis=-2),
+        with_concept,
+    )
+
+
 def hinge_loss(learned: ArrayLike, super_embed: ArrayLike, margin: float) -> jax.Array:
     """Thesis hinge regularizer: mean over vectors of max(0, margin - cos(v*, v_cat)).
 

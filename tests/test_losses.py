@@ -533,3 +533,30 @@ def test_vmap_matches_per_slice(name):
     # vmap batches each reduction: XLA may order the sums differently than per slice.
     want = jnp.stack([JIT[name](*args0), JIT[name](*args1)])
     assert_close(got, want, cosine=name in COSINE_CASES)
+
+
+def test_pairwise_with_concept_adds_the_concept_slot():
+    """The thesis's form: the matrices also hold S* (y*) against the super-category (y_cat)."""
+    with_concept = jax.jit(losses.pairwise_loss_with_concept)
+    h_obj = np.array([[[1.0, 0.0], [0.0, 1.0], [7.0, 7.0]]], np.float32)
+    h_cat = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, -3.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    concept = np.array([[1.0, 0.0]], np.float32)
+    # Over (context 1, context 2, concept): S_obj = [[1, 0, 1], [0, 1, 0], [1, 0, 1]],
+    # S_cat = [[1, s, 1], [s, 1, s], [1, s, 1]] with s = 1/sqrt2: |diff| sums to 4s over 9 pairs.
+    assert_close(with_concept(h_obj, h_cat, mask, concept, concept), 4 * S2 / 9, cosine=True)
+    x = make_inputs(seed=5)
+    c_obj = np.random.default_rng(6).normal(size=(B, D)).astype(np.float32)
+    c_cat = np.random.default_rng(7).normal(size=(B, D)).astype(np.float32)
+    want = ref_pairwise(np.concatenate([x["h_obj"], c_obj[:, None]], 1).astype(np.float64),
+                        np.concatenate([x["h_cat"], c_cat[:, None]], 1),
+                        np.concatenate([x["mask"], np.ones((B, 1), bool)], 1))
+    assert_close(with_concept(x["h_obj"], x["h_cat"], x["mask"], c_obj, c_cat), want,
+                 cosine=True)
+    # Zero when both prompts encode alike; the concept slot alone can make it non-zero.
+    assert float(with_concept(x["h_obj"], x["h_obj"], x["mask"], c_obj, c_obj)) == 0.0
+    assert float(with_concept(x["h_obj"], x["h_obj"], x["mask"], c_obj, c_cat)) > 1e-3
+    check_grads(lambda h, c: losses.pairwise_loss_with_concept(h, x["h_cat"], x["mask"], c,
+                                                               c_cat),
+                (x["h_obj"].astype(np.float64), c_obj.astype(np.float64)), order=1,
+                modes=["rev"], eps=1e-4, atol=1e-2, rtol=1e-2)

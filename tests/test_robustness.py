@@ -120,7 +120,8 @@ BAD_CONFIGS = {
     ),
     "unknown preset": (
         {"model__preset": "huge"},
-        "model.preset is 'huge'; choose one of tiny, micro, bench_small, sd15, sd21, sdxl, tiny_sdxl",
+        "model.preset is 'huge'; choose one of tiny, micro, bench_small, sd15, sd21, sdxl, "
+        "tiny_sdxl",
     ),
     "unknown template set": (
         {"concept__templates": "animals"},

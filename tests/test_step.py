@@ -163,3 +163,22 @@ def test_nonfinite_loss_skips_the_update_and_counts():
     np.testing.assert_array_equal(state.step, before.step + 2)  # fresh draws each step
     assert [int(h["nonfinite"][0]) for h in history] == [1, 1]
     assert int(state.nonfinite_streak[0]) == 2
+
+
+def test_thesis_pairwise_reads_the_concept_and_trains():
+    """pairwise_variant "thesis" puts S* and the super-category word into the matrices: a
+    two-vector S* against its super-category gives another value than the context
+    form on the same step, and both move the vectors."""
+    values, moved = {}, {}
+    for variant in ("context", "thesis"):
+        setup = random_setup(**SMALL, num_vectors=2, batch_size=2, lambda_emb=0.0,
+                             lambda_attn=0.0, lambda_pairwise=1.0, pairwise_variant=variant,
+                             rescale_end=0)
+        assert ("obj_concept" in setup.program.needs) == (variant == "thesis")
+        before = np.asarray(setup.state.params["embeds"])
+        state, history = packing.run_steps(setup, packing.one_device_step(setup), 2)
+        values[variant] = float(history[-1]["pairwise"][0])
+        moved[variant] = float(np.abs(state.params["embeds"] - before).max())
+    assert np.isfinite(list(values.values())).all()
+    assert values["thesis"] != pytest.approx(values["context"], rel=1e-3)
+    assert min(moved.values()) > 0

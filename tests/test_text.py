@@ -414,3 +414,22 @@ def test_load_templates_from_file(tmp_path):
         load_templates(bad)
     with pytest.raises(FileNotFoundError, match="neither a built-in"):
         load_templates("animals")
+
+
+def test_cat_concept_span_finds_the_super_category_word(tok):
+    """The thesis pairwise's y_cat concept slot: the super-category's tokens, found from the
+    aligned context alone, for one- and two-token words at any place in the template."""
+    from core_jax.train.passes import cat_concept_span
+
+    add_placeholder_tokens(tok, "<s*>")
+    templates = ["a photo of a {} in the snow", "{} at night", "a {}"]
+    for word in ("dog", "teddy bear"):
+        prompts = regularization_prompts(tok, templates, "<s*>", word)
+        span = np.asarray(cat_concept_span(prompts.cat_index, prompts.context_mask))
+        word_ids = tok.encode(word, add_special_tokens=False)
+        for row in range(len(templates)):
+            ids = list(prompts.cat_ids[row])
+            start = next(k for k in range(len(ids)) if ids[k:k + len(word_ids)] == word_ids)
+            want = np.zeros(len(ids), bool)
+            want[start:start + len(word_ids)] = True
+            np.testing.assert_array_equal(span[row], want, err_msg=f"{word!r} row {row}")

@@ -15,6 +15,7 @@ batch rows [b_l].
 | obj_hidden | [C, T, D] | encoder output for the step's y* (a template filled with S*) |
 | obj_aligned / cat_aligned | [C, T, D] | y* / y_cat encodings at aligned context positions |
 | context_mask | [C, T] | which aligned positions are context tokens |
+| obj_concept / cat_concept | [C, D] | S*'s encoding in y* / the super-category's in y_cat |
 | caption_pred | [C, b, h, w, c] | the U-Net's prediction with the caption |
 | obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
 | data_shards | [C] | how many devices split the rows (for batch sums) |
@@ -108,6 +109,7 @@ def draw_batch(
 # What each computation needs computed first (beyond the batch and the constants).
 _DEPENDS = {
     "obj_aligned": ("obj_hidden",),
+    "obj_concept": ("obj_hidden",),
     "caption_pred": ("caption_hidden",),
     "obj_stats": ("obj_hidden",),
 }
@@ -312,6 +314,38 @@ def _cat_stats(p: Passes) -> None:
     )
 
 
+def _span_mean(hidden: jax.Array, span: jax.Array) -> jax.Array:
+    """[C, T, D] encodings averaged over each concept's span [C, T] bool: [C, D]."""
+    weights = span.astype(hidden.dtype)
+    return jnp.einsum("ctd,ct->cd", hidden, weights) / jnp.maximum(
+        jnp.sum(weights, axis=1, keepdims=True), 1.0)
+
+
+def _obj_concept(p: Passes) -> jax.Array:
+    """S*'s encoding in y*: the mean over its placeholder tokens. [C, D]"""
+    ids = p.pick(p.data.obj_ids)  # [C, T]
+    span = jnp.isin(ids, jnp.asarray(p.models.placeholder_ids))
+    return _span_mean(p["obj_hidden"], span)
+
+
+def cat_concept_span(cat_index: jax.Array, context_mask: jax.Array) -> jax.Array:
+    """Where the super-category word lies in y_cat: the positions before its first end-of-text
+    that are not context tokens (the context ends with that end-of-text). [..., T] bool from
+    the aligned context positions `cat_index` [..., T] and `context_mask` [..., T]."""
+    positions = jnp.arange(cat_index.shape[-1])
+    eos = jnp.max(jnp.where(context_mask, cat_index, 0), axis=-1, keepdims=True)
+    at = (cat_index[..., None, :] == positions[:, None]) & context_mask[..., None, :]
+    in_context = jnp.any(at, axis=-1)  # [..., T] by position
+    return (positions < eos) & ~in_context
+
+
+def _cat_concept(p: Passes) -> jax.Array:
+    """The super-category word's encoding in y_cat, the mean over its span: [C, D], a
+    constant."""
+    span = cat_concept_span(p.pick(p.data.cat_index), p.pick(p.data.context_mask))
+    return _span_mean(p.pick(p.data.cat_hidden), span)
+
+
 def _set(name: str, fn: Callable[[Passes], jax.Array]) -> Callable[[Passes], None]:
     def compute(p: Passes) -> None:
         p._values[name] = fn(p)
@@ -336,6 +370,8 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "cat_aligned": _set("cat_aligned", lambda p: _aligned(p.pick(p.data.cat_hidden),
                                                           p.pick(p.data.cat_index))),
     "context_mask": _set("context_mask", lambda p: p.pick(p.data.context_mask)),
+    "obj_concept": _set("obj_concept", _obj_concept),
+    "cat_concept": _set("cat_concept", _cat_concept),
     "caption_pred": _unet_passes,
     "obj_stats": _unet_passes,
     "cat_stats": _cat_stats,
