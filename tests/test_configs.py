@@ -89,3 +89,19 @@ def test_misspelt_override_fails_naming_the_key(tmp_path):
     assert "unknown config key 'learnin_rate'; did you mean 'learning_rate'?" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_saved_config_gains_keys_methods_added_later():
+    """A run saved before a method had a key (pairwise_variant) reads back with its default,
+    the behaviour it had; keys it has stay as saved, an unknown method is left to check_stage."""
+    from core_jax.config import base_config, migrate
+
+    saved = base_config().to_dict()
+    del saved["stage1"]["pairwise_variant"]
+    saved["stage1"]["lambda_pairwise"] = 0.5
+    saved["stage2"]["methods"] = ["no_such_method"]
+    migrated = migrate(saved)
+    assert migrated["stage1"]["pairwise_variant"] == "context"
+    assert migrated["stage1"]["lambda_pairwise"] == 0.5
+    assert "pairwise_variant" not in saved["stage1"]  # the caller's dict is not changed
+    assert migrated["stage2"]["methods"] == ["no_such_method"]
