@@ -36,6 +36,8 @@ from core_jax.methods import svdiff as svdiff_method
 from core_jax.methods.lora import LoraAdapters, kohya_state_dict, peft_state_dict
 from core_jax.models.unet import UNet2DConditionModel
 
+SDXL_KEYS = ("clip_l", "clip_g")  # encoder 1's (ViT-L) part, encoder 2's (bigG) part
+
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
 LORA_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 SVDIFF_NAME = "spectral_shifts.safetensors"  # svdiff-pytorch's file name for the shifts
@@ -128,6 +130,37 @@ def save_a1111_embedding(
         metadata["step"] = str(int(step))
     atomic_write_bytes(out, lambda: safetensors.numpy.save({A1111_KEY: vectors}, metadata))
     return out
+
+
+def save_sdxl_embedding(path: str | os.PathLike, name: str, vectors: np.ndarray,
+                        width_1: int) -> Path:
+    """Write an SDXL embedding `{"clip_l": [V, D1], "clip_g": [V, D2]}` (float32): the file
+    AUTOMATIC1111's webui and ComfyUI read for SDXL, and diffusers' `load_textual_inversion` loads
+    tensor by tensor into `text_encoder` ("clip_l") and `text_encoder_2` ("clip_g").
+
+    `vectors` [V, D1 + D2] are the learned vectors as the SDXL pipeline injects them, encoder 1's
+    `width_1` features first; `path` as in `save_a1111_embedding`."""
+    if not name or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"embedding name {name!r} must be non-empty and without path separators")
+    vectors = _check_vectors(vectors)
+    if not 0 < width_1 < vectors.shape[1]:
+        raise ValueError(f"width_1 {width_1} does not split vectors of width {vectors.shape[1]}")
+    out = _output_file(path, f"{name}.safetensors")
+    tensors = {SDXL_KEYS[0]: np.ascontiguousarray(vectors[:, :width_1]),
+               SDXL_KEYS[1]: np.ascontiguousarray(vectors[:, width_1:])}
+    atomic_write_bytes(out, lambda: safetensors.numpy.save(tensors, {"name": name}))
+    return out
+
+
+def load_sdxl_embedding(path: str | os.PathLike) -> np.ndarray:
+    """The vectors [V, D1 + D2] of an SDXL embedding file (`save_sdxl_embedding`'s layout)."""
+    state = safetensors.numpy.load_file(str(path))
+    if set(state) != set(SDXL_KEYS):
+        raise InputError(f"{path} holds {sorted(state)}; an SDXL embedding holds clip_l and clip_g")
+    clip_l, clip_g = (np.atleast_2d(state[k]) for k in SDXL_KEYS)
+    if clip_l.shape[0] != clip_g.shape[0]:
+        raise InputError(f"{path}: clip_l has {clip_l.shape[0]} vectors, clip_g {clip_g.shape[0]}")
+    return np.concatenate([clip_l, clip_g], axis=1).astype(np.float32)
 
 
 def export_unet(

@@ -1,5 +1,12 @@
 """Text-to-image sampling with a trained concept: prompts + learned vectors -> uint8 images.
 
+SD 1.x/2.x condition the U-Net on the text encoder's last hidden state. SDXL (a pipeline with a
+second text encoder) conditions it as diffusers' `StableDiffusionXLPipeline` does: both
+encoders' penultimate states side by side, the second encoder's projected pooled output and the
+add-time ids (original size, crop top-left, target size: the image size, no crop); the
+unconditional half is zeros (SDXL base's `force_zeros_for_empty_prompt`). The learned vectors
+are then [V, D1 + D2]: encoder 1's part first.
+
 Text encoding, the whole classifier-free-guided denoising chain and the VAE decode are one
 compiled program. Every weight, the learned vectors, the seed and the guidance scale are runtime
 arguments, so the program is compiled once per (prompt count, images per prompt, image size,
@@ -13,6 +20,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,8 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import CLIPTokenizer
 
-from core_jax.diffusion import SAMPLERS, NoiseSchedule, guided, make_schedule, sample
-from core_jax.models.clip_text import CLIPTextModel
+from core_jax import weights
+from core_jax.diffusion import (
+    SAMPLERS,
+    NoiseSchedule,
+    guided,
+    load_schedule,
+    make_schedule,
+    sample,
+)
+from core_jax.errors import InputError
+from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import random_models
 from core_jax.models.unet import UNet2DConditionModel
@@ -57,18 +74,25 @@ class Pipeline:
     vae_params: Params
     schedule: NoiseSchedule
     placeholder: str = "<s*>"
+    # SDXL's second text encoder and its tokenizer (with the same placeholder tokens); None: SD.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    text_2_params: Params | None = None
     _encode_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
     _sample_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.placeholder_ids = tuple(int(i) for i in self.placeholder_ids)
         # Only the (hashable, weightless) modules are bound; weights stay jit arguments.
+        if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
+            raise ValueError("an SDXL pipeline needs both tokenizer_2 and text_encoder_2")
         self._encode_fn = jax.jit(
             lambda params, ids, mask, slot, learned: encode_with_learned(
                 self.text_encoder, params, ids, learned, (mask, slot))
         )
         self._sample_fn = jax.jit(
-            functools.partial(_sample, self.text_encoder, self.unet, self.vae),
+            functools.partial(_sample, self.text_encoder, self.text_encoder_2, self.unet,
+                              self.vae),
             static_argnames=(
                 "num_inference_steps", "sampler", "eta", "images_per_prompt", "latent_hw",
                 "decode",
@@ -76,13 +100,23 @@ class Pipeline:
         )
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
     def params(self) -> Params:
-        return {"text": self.text_params, "unet": self.unet_params, "vae": self.vae_params}
+        params = {"text": self.text_params, "unet": self.unet_params, "vae": self.vae_params}
+        if self.is_sdxl:
+            params["text_2"] = self.text_2_params
+        return params
 
     @property
     def embed_dim(self) -> int:
-        """D, the text encoder's hidden size (the learned vectors' width)."""
-        return self.text_encoder.config.hidden_size
+        """D, the learned vectors' width: the text encoder's hidden size (SDXL: both's)."""
+        width = self.text_encoder.config.hidden_size
+        if self.is_sdxl:
+            width += self.text_encoder_2.config.hidden_size
+        return width
 
     @property
     def vae_factor(self) -> int:
@@ -95,13 +129,44 @@ class Pipeline:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
+def _injected(learned: jax.Array, mask: jax.Array, slot: jax.Array) -> dict[str, jax.Array]:
+    vectors = jnp.take_along_axis(jnp.broadcast_to(learned, (mask.shape[0],) + learned.shape),
+                                  slot[..., None], axis=1)  # [R, T, D]
+    return {"inject_embeds": vectors, "inject_mask": mask}
+
+
+def sdxl_condition(
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    params: Params,
+    ids: jax.Array,
+    ids_2: jax.Array,
+    mask: jax.Array,
+    slot: jax.Array,
+    learned: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """SDXL's context [R, T, D1 + D2] (both encoders' penultimate states) and pooled text
+    embedding [R, P] (encoder 2's projection) of ids [R, T] / ids_2 (tokenizer 2's), with
+    `learned` [V, D1 + D2] at the placeholder slots (both tokenizers place them alike)."""
+    width = text_encoder.config.hidden_size
+    first = text_encoder.apply({"params": params["text"]}, ids, output_hidden_states=True,
+                               **_injected(learned[:, :width], mask, slot))
+    second, pooled = text_encoder_2.apply({"params": params["text_2"]}, ids_2,
+                                          output_hidden_states=True,
+                                          **_injected(learned[:, width:], mask, slot))
+    context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+    return context, pooled
+
+
 def _sample(
     text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection | None,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL | PixelSpace,
     params: Params,
     schedule: NoiseSchedule,
     ids: jax.Array,
+    ids_2: jax.Array | None,
     mask: jax.Array,
     slot: jax.Array,
     learned: jax.Array,
@@ -120,14 +185,27 @@ def _sample(
     Returns ``[N * images_per_prompt, H, W, 3]`` uint8 images if ``decode``, else the final
     U-Net-scale latents ``[N * images_per_prompt, h, w, C]`` float32; prompt-major order.
     """
-    # The unconditional prompt rides along in the same text-encoder call.
-    context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
-    cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
-    uncond = jnp.broadcast_to(context[:1], cond.shape)
+    added = {}
+    if text_encoder_2 is None:
+        # The unconditional prompt rides along in the same text-encoder call.
+        context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
+        cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
+        uncond = jnp.broadcast_to(context[:1], cond.shape)
+    else:
+        context, pooled = sdxl_condition(text_encoder, text_encoder_2, params, ids[1:],
+                                         ids_2[1:], mask[1:], slot[1:], learned)
+        cond = jnp.repeat(context, images_per_prompt, axis=0)
+        uncond = jnp.zeros_like(cond)
+        pooled = jnp.repeat(pooled, images_per_prompt, axis=0)
+        side = 2 ** (len(vae.config.block_out_channels) - 1)
+        height, width = latent_hw[0] * side, latent_hw[1] * side
+        time_ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
+        added = {"text_embeds": jnp.concatenate([jnp.zeros_like(pooled), pooled]),
+                 "time_ids": jnp.broadcast_to(time_ids, (2 * cond.shape[0], 6))}
     both = jnp.concatenate([uncond, cond])  # guided()'s order: unconditional half first
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        return unet.apply({"params": params["unet"]}, x, t, both)
+        return unet.apply({"params": params["unet"]}, x, t, both, **added)
 
     k_init, k_eta = jax.random.split(key)
     shape = (cond.shape[0], *latent_hw, unet.config.in_channels)
@@ -236,9 +314,17 @@ def _run(
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
     latent_hw = _latent_hw(pipeline, height, width)
-    ids, mask, slot, learned = _prompt_arrays(pipeline, [""] + list(prompts), learned)
+    prompts = [""] + list(prompts)
+    ids, mask, slot, learned = _prompt_arrays(pipeline, prompts, learned)
+    ids_2 = None
+    if pipeline.is_sdxl:
+        ids_2 = tokenize(pipeline.tokenizer_2, [_expand_placeholder(pipeline, p) for p in prompts])
+        if pipeline.placeholder_ids and not np.array_equal(
+                placeholder_slots(ids_2, pipeline.placeholder_ids)[0], mask):
+            raise ValueError("tokenizer_2 places the placeholder tokens elsewhere than tokenizer; "
+                             "add the same placeholder tokens to both")
     out = pipeline._sample_fn(
-        pipeline.params, pipeline.schedule, ids, mask, slot, learned, jax.random.key(seed),
+        pipeline.params, pipeline.schedule, ids, ids_2, mask, slot, learned, jax.random.key(seed),
         jnp.float32(guidance_scale), num_inference_steps=steps, sampler=sampler,
         eta=float(eta), images_per_prompt=num_images_per_prompt, latent_hw=latent_hw,
         decode=decode,
@@ -298,6 +384,30 @@ def generate_latents(
         pipeline, prompts, learned, num_images_per_prompt=num_images_per_prompt, steps=steps,
         sampler=sampler, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
         eta=eta, decode=False,
+    )
+
+
+def load_sdxl_pipeline(
+    folder: str | Path, placeholder: str = "<s*>", num_vectors: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+) -> Pipeline:
+    """An SDXL diffusers folder as a pipeline whose two tokenizers know the concept's
+    placeholder tokens (`num_vectors` of them; 0 for the base model alone); SD's noise schedule
+    unless the folder's scheduler says otherwise (`core_jax.diffusion.load_schedule`)."""
+    folder = Path(folder)
+    models = weights.load_sdxl(folder, dtype)
+    tokenizer = load_tokenizer(folder)
+    tokenizer_2 = load_tokenizer(folder, "tokenizer_2")
+    ids = []
+    if num_vectors:
+        ids = add_placeholder_tokens(tokenizer, placeholder, num_vectors)
+        if add_placeholder_tokens(tokenizer_2, placeholder, num_vectors) != ids:
+            raise InputError(f"{folder}: the two tokenizers give the placeholder different ids")
+    return Pipeline(
+        tokenizer, tuple(ids), models.text_encoder, models.params["text"], models.unet,
+        models.params["unet"], models.vae, models.params["vae"], load_schedule(folder),
+        placeholder=placeholder, tokenizer_2=tokenizer_2, text_encoder_2=models.text_encoder_2,
+        text_2_params=models.params["text_2"],
     )
 
 

@@ -1,0 +1,90 @@
+"""SDXL sampling and SDXL embedding files against diffusers' StableDiffusionXLPipeline, on a tiny
+random-weight SDXL folder saved in the test (tests/test_sdxl_models.py builds it)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from test_sdxl_models import _tiny_sdxl_pipeline, assert_max_abs  # noqa: E402
+from torch_helpers import nchw, nhwc  # noqa: E402
+
+from core_jax import export  # noqa: E402
+from core_jax.sample import (  # noqa: E402
+    _prompt_arrays,
+    generate,
+    generate_latents,
+    load_sdxl_pipeline,
+    sdxl_condition,
+)
+from core_jax.text import tokenize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe = _tiny_sdxl_pipeline()
+    # Our DDIM is SD's (tests/test_diffusion.py checks it step by step against this config).
+    pipe.scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_sampling_equals_diffusers_pipeline(sdxl_folder):
+    """Both encoders' penultimate states, the pooled projection, the add-time ids, zeros for the
+    unconditional half and guidance: the same final latents as diffusers from the same noise."""
+    ours = load_sdxl_pipeline(sdxl_folder, num_vectors=0)
+    prompts, steps, scale, seed = ["a photo of a dog in the jungle", "a red cube"], 4, 5.0, 3
+    latents = generate_latents(ours, prompts, num_images_per_prompt=1, steps=steps,
+                               guidance_scale=scale, seed=seed)
+    k_init, _ = jax.random.split(jax.random.key(seed))
+    x_T = np.asarray(jax.random.normal(k_init, latents.shape))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    assert pipe.config.force_zeros_for_empty_prompt
+    with torch.no_grad():
+        expected = pipe(prompts, num_inference_steps=steps, guidance_scale=scale,
+                        latents=nchw(x_T), output_type="latent").images
+    assert_max_abs(latents, nhwc(expected))
+    images = generate(ours, prompts[:1], steps=2, seed=seed)  # and the decode runs
+    assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, tmp_path):
+    """Learned vectors [V, D1 + D2] exported as clip_l / clip_g: diffusers' loader puts them into
+    both text encoders, and the SDXL context of a prompt with S* equals ours."""
+    ours = load_sdxl_pipeline(sdxl_folder, num_vectors=2)
+    assert ours.embed_dim == 32 + 48
+    learned = np.random.default_rng(0).normal(size=(2, 80)).astype(np.float32)
+    path = export.save_sdxl_embedding(tmp_path, "my_concept", learned, width_1=32)
+    assert path.name == "my_concept.safetensors"
+    np.testing.assert_array_equal(export.load_sdxl_embedding(path), learned)
+
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.load_textual_inversion(state["clip_l"], token="<s*>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<s*>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompts = ["a photo of a <s*> in the snow"]
+    with torch.no_grad():
+        context, _, _, _ = pipe.encode_prompt(prompts, device="cpu",
+                                              do_classifier_free_guidance=False)
+    ids, mask, slot, vectors = _prompt_arrays(ours, prompts, learned)
+    ids_2 = tokenize(ours.tokenizer_2, ["a photo of a <s*> <s*>_1 in the snow"])
+    # diffusers writes "<s*>" out as "<s*> <s*>_1" too (its maybe_convert_prompt).
+    written_out = pipe.maybe_convert_prompt(prompts[0], pipe.tokenizer)
+    np.testing.assert_array_equal(ids[0], tokenize(ours.tokenizer, [written_out])[0])
+    got, _ = sdxl_condition(ours.text_encoder, ours.text_encoder_2, ours.params, ids, ids_2,
+                            mask, slot, vectors)
+    assert_max_abs(got, context.numpy())
+    with pytest.raises(ValueError, match="width_1"):
+        export.save_sdxl_embedding(tmp_path, "bad", learned, width_1=80)
