@@ -45,6 +45,7 @@ from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
     add_placeholder_tokens,
+    encode_sdxl_with_learned,
     encode_with_learned,
     load_tokenizer,
     placeholder_slots,
@@ -129,35 +130,6 @@ class Pipeline:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
-def _injected(learned: jax.Array, mask: jax.Array, slot: jax.Array) -> dict[str, jax.Array]:
-    vectors = jnp.take_along_axis(jnp.broadcast_to(learned, (mask.shape[0],) + learned.shape),
-                                  slot[..., None], axis=1)  # [R, T, D]
-    return {"inject_embeds": vectors, "inject_mask": mask}
-
-
-def sdxl_condition(
-    text_encoder: CLIPTextModel,
-    text_encoder_2: CLIPTextModelWithProjection,
-    params: Params,
-    ids: jax.Array,
-    ids_2: jax.Array,
-    mask: jax.Array,
-    slot: jax.Array,
-    learned: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """SDXL's context [R, T, D1 + D2] (both encoders' penultimate states) and pooled text
-    embedding [R, P] (encoder 2's projection) of ids [R, T] / ids_2 (tokenizer 2's), with
-    `learned` [V, D1 + D2] at the placeholder slots (both tokenizers place them alike)."""
-    width = text_encoder.config.hidden_size
-    first = text_encoder.apply({"params": params["text"]}, ids, output_hidden_states=True,
-                               **_injected(learned[:, :width], mask, slot))
-    second, pooled = text_encoder_2.apply({"params": params["text_2"]}, ids_2,
-                                          output_hidden_states=True,
-                                          **_injected(learned[:, width:], mask, slot))
-    context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
-    return context, pooled
-
-
 def _sample(
     text_encoder: CLIPTextModel,
     text_encoder_2: CLIPTextModelWithProjection | None,
@@ -192,8 +164,9 @@ def _sample(
         cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
         uncond = jnp.broadcast_to(context[:1], cond.shape)
     else:
-        context, pooled = sdxl_condition(text_encoder, text_encoder_2, params, ids[1:],
-                                         ids_2[1:], mask[1:], slot[1:], learned)
+        context, pooled = encode_sdxl_with_learned(
+            text_encoder, text_encoder_2, params, ids[1:], ids_2[1:], learned,
+            (mask[1:], slot[1:]))
         cond = jnp.repeat(context, images_per_prompt, axis=0)
         uncond = jnp.zeros_like(cond)
         pooled = jnp.repeat(pooled, images_per_prompt, axis=0)

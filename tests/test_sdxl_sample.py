@@ -19,9 +19,8 @@ from core_jax.sample import (  # noqa: E402
     generate,
     generate_latents,
     load_sdxl_pipeline,
-    sdxl_condition,
 )
-from core_jax.text import tokenize  # noqa: E402
+from core_jax.text import encode_sdxl_with_learned, second_encoder_ids, tokenize  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +82,11 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
     # diffusers writes "<s*>" out as "<s*> <s*>_1" too (its maybe_convert_prompt).
     written_out = pipe.maybe_convert_prompt(prompts[0], pipe.tokenizer)
     np.testing.assert_array_equal(ids[0], tokenize(ours.tokenizer, [written_out])[0])
-    got, _ = sdxl_condition(ours.text_encoder, ours.text_encoder_2, ours.params, ids, ids_2,
-                            mask, slot, vectors)
+    # Tokenizer 2's ids are tokenizer 1's with its own padding (what the training step uses).
+    np.testing.assert_array_equal(
+        second_encoder_ids(ids, ours.tokenizer.eos_token_id, ours.tokenizer_2.pad_token_id), ids_2)
+    got, _ = encode_sdxl_with_learned(ours.text_encoder, ours.text_encoder_2, ours.params, ids,
+                                      ids_2, vectors, (mask, slot))
     assert_max_abs(got, context.numpy())
     with pytest.raises(ValueError, match="width_1"):
         export.save_sdxl_embedding(tmp_path, "bad", learned, width_1=80)

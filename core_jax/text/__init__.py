@@ -1,7 +1,12 @@
 """Text side: CLIP tokenizer, placeholder tokens, prompt ids, CoRe context alignment."""
 
 from core_jax.text.context import RegularizationPrompts, regularization_prompts
-from core_jax.text.inject import encode_with_learned, placeholder_slots
+from core_jax.text.inject import (
+    encode_sdxl_with_learned,
+    encode_with_learned,
+    placeholder_slots,
+    second_encoder_ids,
+)
 from core_jax.text.templates import check_template, fill_template, load_templates
 from core_jax.text.tokenizer import (
     add_placeholder_tokens,
@@ -21,6 +26,7 @@ __all__ = [
     "caption_ids",
     "check_template",
     "clip_tokenizer_dir",
+    "encode_sdxl_with_learned",
     "encode_with_learned",
     "fill_template",
     "load_templates",
@@ -29,6 +35,7 @@ __all__ = [
     "placeholder_string",
     "placeholder_tokens",
     "regularization_prompts",
+    "second_encoder_ids",
     "super_category_ids",
     "tokenize",
 ]

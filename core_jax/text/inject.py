@@ -51,3 +51,42 @@ def encode_with_learned(
     return text_encoder.apply(
         {"params": text_params}, ids, inject_embeds=vectors, inject_mask=mask
     ).last_hidden_state
+
+
+def second_encoder_ids(ids: jax.Array, eos_token_id: int, pad_id_2: int) -> jax.Array:
+    """SDXL's second tokenizer's ids from the first's: the same tokens up to the first
+    end-of-text, its own padding after it (tokenizer 1 pads with end-of-text, tokenizer 2 with
+    "!")."""
+    first_eos = jnp.argmax(ids == eos_token_id, axis=-1)[..., None]
+    return jnp.where(jnp.arange(ids.shape[-1]) > first_eos, pad_id_2, ids).astype(ids.dtype)
+
+
+def encode_sdxl_with_learned(
+    text_encoder: nn.Module,
+    text_encoder_2: nn.Module,
+    params: Any,
+    ids: jax.Array,
+    ids_2: jax.Array,
+    learned: jax.Array | None,
+    slots: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """SDXL's context [R, T, D1 + D2] (both encoders' penultimate states side by side) and
+    pooled text embedding [R, P] (encoder 2's projection) of ids [R, T] (tokenizer 1's) and
+    ids_2 (tokenizer 2's: the same tokens, its own padding). `params` holds "text" and
+    "text_2"; `learned` [V, D1 + D2] or [R, V, D1 + D2], encoder 1's part first, takes the
+    placeholder positions of both."""
+    width = text_encoder.config.hidden_size
+    inject_1 = inject_2 = {}
+    if learned is not None:
+        mask, slot = slots
+        if learned.ndim == 2:
+            learned = jnp.broadcast_to(learned, (ids.shape[0],) + learned.shape)
+        vectors = jnp.take_along_axis(learned, slot[..., None], axis=1)  # [R, T, D1 + D2]
+        inject_1 = {"inject_embeds": vectors[..., :width], "inject_mask": mask}
+        inject_2 = {"inject_embeds": vectors[..., width:], "inject_mask": mask}
+    first = text_encoder.apply({"params": params["text"]}, ids, output_hidden_states=True,
+                               **inject_1)
+    second, pooled = text_encoder_2.apply({"params": params["text_2"]}, ids_2,
+                                          output_hidden_states=True, **inject_2)
+    context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+    return context, pooled
