@@ -237,13 +237,17 @@ def export_concept(
     lora: LoraAdapters | None = None,
     svdiff: Any | None = None,
     step: int | None = None,
+    sdxl_width_1: int | None = None,
 ) -> dict[str, Path]:
     """Everything a run hands to other tools, written the one way every run writes it:
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
     for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
     params), `pytorch_lora_weights.safetensors` (diffusers) and `a1111/lora/<name>.safetensors`
     (kohya: A1111, ComfyUI) for U-Net adapters, `spectral_shifts.safetensors` for SVDiff's
-    shifts (whose merged U-Net is `unet`). Returns what was written, by kind."""
+    shifts (whose merged U-Net is `unet`). SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
+    A1111 file is the SDXL embedding (`clip_l`, `clip_g`; diffusers loads it tensor by tensor),
+    and learned_embeds.safetensors keeps them whole for `core-jax sample`. Returns what was
+    written, by kind."""
     folder = Path(folder)
     written = {}
     if vectors is not None:
@@ -251,10 +255,11 @@ def export_concept(
             folder / LEARNED_EMBEDS_NAME, placeholder, vectors
         )
         (folder / "a1111").mkdir(exist_ok=True)
-        written["a1111"] = save_a1111_embedding(
-            folder / "a1111" / f"{file_stem(name)}.safetensors", file_stem(name), vectors,
-            step=step,
-        )
+        a1111 = folder / "a1111" / f"{file_stem(name)}.safetensors"
+        if sdxl_width_1 is None:
+            written["a1111"] = save_a1111_embedding(a1111, file_stem(name), vectors, step=step)
+        else:
+            written["a1111"] = save_sdxl_embedding(a1111, file_stem(name), vectors, sdxl_width_1)
     if unet is not None:
         written["unet"] = export_unet(folder, *unet)
     if lora is not None:

@@ -31,9 +31,8 @@ from core_jax.errors import InputError
 from core_jax.methods.core import DEFAULTS as CORE_DEFAULTS
 from core_jax.text import add_placeholder_tokens, caption_ids, check_template, placeholder_string
 from core_jax.train import setup as run_setup
-from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.concepts import ConceptSpec
 from core_jax.train.parallel import fit_mesh
-from core_jax.train.passes import StepModels
 from core_jax.train.stages import build_program, check_stage, stage_numbers
 from core_jax.train.state import stage_keys
 from core_jax.train.step import init_state, shard_step
@@ -105,10 +104,9 @@ class CoreTTO:
         placeholder_ids = add_placeholder_tokens(self.tokenizer, concept.placeholder,
                                                  concept.num_vectors)
         self.text = placeholder_string(concept.placeholder, concept.num_vectors)
-        step_models = StepModels(
-            models.text_encoder, models.unet,
-            tuple(int(i) for i in caption_ids(self.tokenizer, self.text, concept.caption)),
-            tuple(placeholder_ids),
+        step_models = run_setup.step_models(
+            models, self.tokenizer, placeholder_ids,
+            caption_ids(self.tokenizer, self.text, concept.caption), run_config.data.resolution,
         )
         self.program = build_program([self.stage], step_models,
                                      models.schedule.prediction_type)
@@ -116,7 +114,7 @@ class CoreTTO:
         self.step = shard_step(mesh, self.program)
         self.numbers = stage_numbers([self.stage])
         self._terms = ("loss", *(term.name for term in self.program.terms))
-        self.frozen = {"text": models.params["text"],
+        self.frozen = {**models.frozen_text,
                        "unet": models.params["unet"] if unet_params is None else unet_params}
         self.learned = np.asarray(learned, np.float32)
         self.pool = run_setup.latent_pool(run_config, models,
@@ -126,8 +124,8 @@ class CoreTTO:
         """`prompt` with the learned word as S*, `{}` or the placeholder."""
         concept = self.config.concept
         template = prompt_template(prompt, concept.placeholder)
-        data = build_concept_data(
-            self.tokenizer, self.models.text_encoder, self.models.params["text"], self.text,
+        data = run_setup.concept_data(
+            self.models, self.tokenizer, self.text,
             [ConceptSpec(concept.name, concept.super_category, (template,),
                          seed=self.config.seed)],
             [self.pool],

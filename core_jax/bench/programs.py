@@ -121,7 +121,7 @@ def stage_setup(setup: Setup, methods: Sequence[str], **keys: Any) -> Setup:
     stages *= num_concepts(setup)
     program = build_program(stages, setup.program.models, setup.schedule.prediction_type)
     embeds = setup.state.params["embeds"]
-    frozen = with_shared({"text": setup.frozen["text"], "unet": setup.frozen["unet"]},
+    frozen = with_shared({k: v for k, v in setup.frozen.items() if k in ("text", "text_2", "unet")},
                          program.trains)
     params = stage_params(
         [program], 0, {"embeds": embeds}, setup.data, frozen, int(embeds.shape[1]),

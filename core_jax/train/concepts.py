@@ -12,7 +12,12 @@ import numpy as np
 from flax import linen as nn
 from transformers import CLIPTokenizer
 
-from core_jax.text import regularization_prompts, super_category_ids
+from core_jax.text import (
+    encode_sdxl_with_learned,
+    regularization_prompts,
+    second_encoder_ids,
+    super_category_ids,
+)
 from core_jax.train.state import ConceptData
 
 
@@ -41,11 +46,18 @@ def build_concept_data(
     placeholder_text: str,
     specs: Sequence[ConceptSpec],
     latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    text_encoder_2: nn.Module | None = None,
+    text_2_params: dict[str, Any] | None = None,
+    pad_id_2: int = 0,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
     `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled.
-    The y_cat encodings are computed here, once, with the frozen encoder.
+    The y_cat encodings are computed here, once, with the frozen encoder. SDXL (a second
+    encoder, whose tokenizer pads with `pad_id_2`): y_cat's context is both encoders' as the
+    U-Net reads it, its pooled embeddings are kept, and the super-category's input embedding
+    is both tables' side by side [D1 + D2], as the learned vectors are.
     """
     prompts = [
         regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
@@ -57,9 +69,25 @@ def build_concept_data(
         return np.stack([np.resize(getattr(p, field), (n_max,) + getattr(p, field).shape[1:])
                          for p in prompts])
 
-    encode = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
     cat_ids = stack("cat_ids")  # [C, N, T]
-    cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
+    cat_pooled = None
+    super_embed = np.stack([super_category_embedding(tokenizer, text_params, s.super_category)
+                            for s in specs])
+    if text_encoder_2 is None:
+        encode = jax.jit(
+            lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
+        cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
+    else:
+        frozen = {"text": text_params, "text_2": text_2_params}
+        encode = jax.jit(lambda ids: encode_sdxl_with_learned(
+            text_encoder, text_encoder_2, frozen, ids,
+            second_encoder_ids(ids, tokenizer.eos_token_id, pad_id_2), None))
+        encoded = [jax.device_get(encode(jnp.asarray(ids))) for ids in cat_ids]
+        cat_hidden = np.stack([h for h, _ in encoded])
+        cat_pooled = jnp.asarray(np.stack([e for _, e in encoded]))
+        super_embed = np.concatenate([super_embed, np.stack([
+            super_category_embedding(tokenizer, text_2_params, s.super_category) for s in specs
+        ])], axis=1)
     return ConceptData(
         latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
         latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),
@@ -69,8 +97,6 @@ def build_concept_data(
         context_mask=jnp.asarray(stack("context_mask")),
         cat_hidden=jnp.asarray(cat_hidden),
         num_templates=jnp.asarray([len(p) for p in prompts], jnp.int32),
-        super_embed=jnp.asarray(
-            np.stack([super_category_embedding(tokenizer, text_params, s.super_category)
-                      for s in specs])
-        ),
+        super_embed=jnp.asarray(super_embed),
+        cat_pooled=cat_pooled,
     )

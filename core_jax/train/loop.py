@@ -32,9 +32,9 @@ from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens, caption_ids, fill_template, placeholder_string
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
-from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.concepts import ConceptSpec
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
-from core_jax.train.passes import StepModels, merged_unet, with_shared
+from core_jax.train.passes import merged_unet, with_shared
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
     build_program,
@@ -111,7 +111,7 @@ class Env:
 
     @property
     def frozen(self) -> dict[str, Any]:
-        return {"text": self.models.params["text"], "unet": self.models.params["unet"]}
+        return {**self.models.frozen_text, "unet": self.models.params["unet"]}
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -132,10 +132,9 @@ class Group:
         self.placeholder_ids = add_placeholder_tokens(self.tokenizer, c.placeholder,
                                                       c.num_vectors)
         self.text = placeholder_string(c.placeholder, c.num_vectors)
-        step_models = StepModels(
-            models.text_encoder, models.unet,
-            tuple(int(i) for i in caption_ids(self.tokenizer, self.text, c.caption)),
-            tuple(self.placeholder_ids),
+        step_models = run_setup.step_models(
+            models, self.tokenizer, self.placeholder_ids,
+            caption_ids(self.tokenizer, self.text, c.caption), first.data.resolution,
         )
         self.stages = stage_names(first)
         self.ends = stage_ends(first)
@@ -163,11 +162,9 @@ class Group:
 
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
-            m = self.env.models
-            self._pipeline = Pipeline(
-                self.tokenizer, tuple(self.placeholder_ids), m.text_encoder, m.params["text"],
-                m.unet, m.params["unet"], m.vae, m.params["vae"], m.schedule,
-                placeholder=self.runs[0].config.concept.placeholder,
+            self._pipeline = run_setup.sampling_pipeline(
+                self.env.models, self.tokenizer, self.placeholder_ids,
+                self.runs[0].config.concept.placeholder,
             )
         return self._pipeline
 
@@ -186,8 +183,7 @@ class Group:
                         run_setup.concept_templates(r.config), seed=r.config.seed)
             for r in slots
         ]
-        return build_concept_data(self.tokenizer, m.text_encoder, m.params["text"], self.text,
-                                  specs, pools)
+        return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools)
 
 
 def latent_size(config: ml_collections.ConfigDict, models: run_setup.Models) -> tuple[int, ...]:
@@ -340,7 +336,8 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
 
     # --- The runs' exports and results: only a finished run has them --------------------------
     if len(failed) < len(pack.runs):
-        _export_runs(owned, failed, state, env.models.unet, step, env.models.params["unet"])
+        _export_runs(owned, failed, state, env.models.unet, step, env.models.params["unet"],
+                     run_setup.sdxl_width_1(first))
     close()
     for c, run in owned:
         if is_done(run):  # finished before a kill that cut the pack's writing
@@ -371,10 +368,11 @@ def _log(
 
 def _export_runs(
     owned: list[tuple[int, Run]], failed: dict[int, Any], state: TrainState, unet: Any,
-    step: int, base_unet: Any,
+    step: int, base_unet: Any, sdxl_width_1: int | None = None,
 ) -> None:
     """Hand what each run this host owns trained (its vectors, its U-Net if a stage trained
-    one, its spectral shifts with the U-Net they make) to other tools."""
+    one, its spectral shifts with the U-Net they make) to other tools; SDXL vectors split at
+    `sdxl_width_1` for the SDXL embedding file."""
     for c, run in owned:
         if c in failed:
             continue
@@ -390,6 +388,7 @@ def _export_runs(
             lora=params.get("lora"),
             svdiff=params.get("svdiff"),
             step=step,
+            sdxl_width_1=sdxl_width_1,
         )
 
 

@@ -19,7 +19,7 @@ from core_jax import export, tto, weights
 from core_jax.config import migrate
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError
-from core_jax.sample import Pipeline, generate
+from core_jax.sample import generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
@@ -103,11 +103,8 @@ def sample_run(
     placeholder_ids = add_placeholder_tokens(
         tokenizer, config.concept.placeholder, config.concept.num_vectors
     )
-    pipeline = Pipeline(
-        tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
-        models.unet, unet_params, models.vae, models.params["vae"], models.schedule,
-        placeholder=config.concept.placeholder,
-    )
+    pipeline = run_setup.sampling_pipeline(models, tokenizer, placeholder_ids,
+                                           config.concept.placeholder, unet_params)
     expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
 
     def draw(prompts: list[str], vectors: np.ndarray) -> np.ndarray:
@@ -168,5 +165,6 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     written = export.export_concept(
         out, name=config.concept.name, placeholder=config.concept.placeholder,
         vectors=params["embeds"], unet=unet, svdiff=params.get("svdiff"), step=step,
+        sdxl_width_1=run_setup.sdxl_width_1(config),
     )
     return list(written.values())

@@ -42,7 +42,12 @@ from flax import linen as nn
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
 from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
-from core_jax.text import encode_with_learned, placeholder_slots
+from core_jax.text import (
+    encode_sdxl_with_learned,
+    encode_with_learned,
+    placeholder_slots,
+    second_encoder_ids,
+)
 from core_jax.train.state import ConceptData
 
 
@@ -54,6 +59,25 @@ class StepModels:
     unet: nn.Module
     caption_ids: tuple[int, ...]  # [T] "a photo of a S*"
     placeholder_ids: tuple[int, ...]  # [V] ids of the V placeholder tokens
+    # SDXL: the second text encoder, its tokenizer's end-of-text and padding ids, and the
+    # add-time ids of every row (original size, crop top-left, target size). None: SD 1.x/2.x.
+    text_encoder_2: nn.Module | None = None
+    eos_id: int = 49407
+    pad_id_2: int = 0
+    time_ids: tuple[float, ...] | None = None
+
+    def encode(
+        self, frozen: dict[str, Any], ids: jax.Array, learned: jax.Array | None,
+        slots: tuple[jax.Array, jax.Array] | None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The U-Net's context [R, T, D] of ids [R, T] with the learned vectors, and (SDXL)
+        the pooled text embedding [R, P] its added conditioning reads; None otherwise."""
+        if self.text_encoder_2 is None:
+            return encode_with_learned(self.text_encoder, frozen["text"], ids, learned,
+                                       slots), None
+        ids_2 = second_encoder_ids(ids, self.eos_id, self.pad_id_2)
+        return encode_sdxl_with_learned(self.text_encoder, self.text_encoder_2, frozen, ids,
+                                        ids_2, learned, slots)
 
 
 @flax.struct.dataclass
@@ -215,19 +239,32 @@ class Passes:
             self._x_t = add_noise(self.schedule, b.x0, b.noise, b.timesteps)
         return self._x_t
 
-    def unet(self, contexts: list[jax.Array], with_stats: bool) -> list[tuple]:
+    def unet(
+        self, contexts: list[jax.Array], with_stats: bool,
+        pooled: list[jax.Array] | None = None,
+    ) -> list[tuple]:
         """The U-Net on this step's noisy latents, once per context [C_l, T, D] (every row of a
-        concept takes its concept's context), all in one call. Returns per context (prediction
-        [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
+        concept takes its concept's context; SDXL: and its pooled embedding [C_l, P]), all in
+        one call. Returns per context (prediction [C_l, b_l, ...], attention means
+        [C_l, L, b_l, T] or None)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
         x = self.per_concept(self.x_t)
         t = self.per_concept(b.timesteps)
         per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
+        if pooled is not None:  # SDXL: the pooled embedding and add-time ids ride with the context
+            time_ids = jnp.asarray(self.models.time_ids, jnp.float32)
+            per_row = [
+                (c, jnp.broadcast_to(e[:, None], (concepts, rows) + e.shape[1:]),
+                 jnp.broadcast_to(time_ids, (concepts, rows, time_ids.shape[0])))
+                for c, e in zip(per_row, pooled, strict=True)
+            ]
         mutable = ["attn_stats"] if with_stats else False
 
-        def apply(params: Any, x: jax.Array, t: jax.Array, ctx: jax.Array):
-            out = unet.apply({"params": params}, x, t, ctx, mutable=mutable)
+        def apply(params: Any, x: jax.Array, t: jax.Array, ctx: Any):
+            ctx, added = (ctx, {}) if pooled is None else (
+                ctx[0], {"text_embeds": ctx[1], "time_ids": ctx[2]})
+            out = unet.apply({"params": params}, x, t, ctx, mutable=mutable, **added)
             return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
 
         groups = unet_groups(self.params)
@@ -242,7 +279,7 @@ class Passes:
 
             args = ({name: self.params[name] for name in groups},
                     jnp.concatenate([x] * n, axis=1), jnp.concatenate([t] * n, axis=1),
-                    jnp.concatenate(per_row, axis=1))
+                    jax.tree.map(lambda *c: jnp.concatenate(c, axis=1), *per_row))
             if concepts == 1:  # one run: a plain call (vmap would batch a U-Net copy's kernels)
                 out = run(*jax.tree.map(lambda a: a[0], args))
                 pred, stats = jax.tree.map(lambda a: a[None], out)
@@ -255,7 +292,7 @@ class Passes:
         flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
         pred, stats = apply(
             self.frozen["unet"], jnp.concatenate([flat(x)] * n), jnp.concatenate([flat(t)] * n),
-            jnp.concatenate([flat(c) for c in per_row]),
+            jax.tree.map(lambda *c: jnp.concatenate([flat(a) for a in c]), *per_row),
         )  # [n B, ...], [L, n B, T]
         size = concepts * rows
         out = []
@@ -288,17 +325,24 @@ def _text(p: Passes) -> None:
     if learned is not None:
         learned = jnp.tile(learned, (len(blocks), 1, 1))  # [R, V, D]
     slots = placeholder_slots(ids, m.placeholder_ids) if learned is not None else None
-    hidden = encode_with_learned(m.text_encoder, p.frozen["text"], ids, learned, slots)
+    hidden, pooled = m.encode(p.frozen, ids, learned, slots)
     names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
     for k, name in enumerate(names):
-        p._values[name] = hidden[k * p.num_concepts:(k + 1) * p.num_concepts]
+        rows = slice(k * p.num_concepts, (k + 1) * p.num_concepts)
+        p._values[name] = hidden[rows]
+        if pooled is not None:  # SDXL
+            p._values[name.replace("hidden", "pooled")] = pooled[rows]
 
 
 def _unet_passes(p: Passes) -> None:
     """The caption pass (diffusion) and the y* pass (attention statistics) share one call."""
     names = [n for n in ("caption_pred", "obj_stats") if n in p.needs]
     contexts = {"caption_pred": "caption_hidden", "obj_stats": "obj_hidden"}
-    results = p.unet([p[contexts[n]] for n in names], with_stats="obj_stats" in p.needs)
+    hidden = [p[contexts[n]] for n in names]
+    pooled = None
+    if p.models.text_encoder_2 is not None:
+        pooled = [p._values[contexts[n].replace("hidden", "pooled")] for n in names]
+    results = p.unet(hidden, with_stats="obj_stats" in p.needs, pooled=pooled)
     for name, (pred, stats) in zip(names, results, strict=True):
         if name == "caption_pred":
             p._values[name] = pred
@@ -308,7 +352,8 @@ def _unet_passes(p: Passes) -> None:
 
 def _cat_stats(p: Passes) -> None:
     """The y_cat pass: forward only, a constant target."""
-    [(_, stats)] = p.unet([p.pick(p.data.cat_hidden)], with_stats=True)
+    pooled = None if p.data.cat_pooled is None else [p.pick(p.data.cat_pooled)]
+    [(_, stats)] = p.unet([p.pick(p.data.cat_hidden)], with_stats=True, pooled=pooled)
     p._values["cat_stats"] = jax.lax.stop_gradient(
         _aligned_stats(stats, p.pick(p.data.cat_index))
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,17 @@ from core_jax import weights
 from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
 from core_jax.diffusion.samplers import SAMPLERS
 from core_jax.errors import InputError
-from core_jax.models.clip_text import CLIPTextModel
+from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import PRESETS, random_models
 from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
+from core_jax.sample import Pipeline
 from core_jax.text import (
     add_placeholder_tokens,
     caption_ids,
     check_template,
+    clip_tokenizer_dir,
     fill_template,
     load_templates,
     load_tokenizer,
@@ -37,7 +42,10 @@ from core_jax.text import (
     super_category_ids,
     tokenize,
 )
+from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.passes import StepModels
 from core_jax.train.stages import check_stage, stage_names
+from core_jax.train.state import ConceptData
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Integer settings and their smallest sensible value; below it a run divides by zero, draws
@@ -56,8 +64,16 @@ class Models:
     text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
     vae: AutoencoderKL | PixelSpace
-    params: dict[str, Any]  # {"text": ..., "unet": ..., "vae": ...}
+    params: dict[str, Any]  # {"text": ..., "unet": ..., "vae": ...}, SDXL also "text_2"
     schedule: NoiseSchedule
+    # SDXL's second text encoder and tokenizer (which pads with "!"); None for SD 1.x/2.x.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def frozen_text(self) -> dict[str, Any]:
+        """The text encoders' weights a step reads: {"text"}, SDXL also {"text_2"}."""
+        return {k: v for k, v in self.params.items() if k in ("text", "text_2")}
 
 
 def run_tokenizer(config: ml_collections.ConfigDict) -> CLIPTokenizer:
@@ -85,12 +101,20 @@ def load_models(
     dtype = jnp.dtype(config.model.dtype)
     if tokenizer is None:
         tokenizer = run_tokenizer(config)
+    text_encoder_2 = tokenizer_2 = None
     if config.model.path:
         path, allow = Path(config.model.path), config.model.allow_pickle
         try:
-            text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
-            unet, unet_params = weights.load_unet(path, dtype, allow)
-            vae, vae_params = load_vae_or_pixel_space(path, unet, dtype, allow)
+            if (path / "text_encoder_2").is_dir():
+                sdxl = weights.load_sdxl(path, dtype, allow)
+                text_encoder, unet, vae = sdxl.text_encoder, sdxl.unet, sdxl.vae
+                text_encoder_2, params = sdxl.text_encoder_2, sdxl.params
+                tokenizer_2 = load_tokenizer(path, "tokenizer_2")
+            else:
+                text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
+                unet, unet_params = weights.load_unet(path, dtype, allow)
+                vae, vae_params = load_vae_or_pixel_space(path, unet, dtype, allow)
+                params = {"text": text_params, "unet": unet_params, "vae": vae_params}
         except InputError:
             raise
         # Truncated or garbled files (a bad header or JSON), a shard its index names missing.
@@ -100,12 +124,12 @@ def load_models(
     else:
         random = random_models(config.model.preset, config.seed, dtype)
         text_encoder, unet, vae = random.text_encoder, random.unet, random.vae
-        text_params, unet_params, vae_params = (random.params[k] for k in ("text", "unet", "vae"))
+        text_encoder_2, params = random.text_encoder_2, dict(random.params)
+        if text_encoder_2 is not None:  # SDXL's second tokenizer: the same BPE, "!" padding
+            tokenizer_2 = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), pad_token="!")
         schedule = make_schedule()
-    return Models(
-        tokenizer, text_encoder, unet, vae,
-        {"text": text_params, "unet": unet_params, "vae": vae_params}, schedule,
-    )
+    return Models(tokenizer, text_encoder, unet, vae, params, schedule, tokenizer_2,
+                  text_encoder_2)
 
 
 def _schedule(path: Path) -> NoiseSchedule:
@@ -229,6 +253,69 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
     regularization_prompts(tokenizer, templates, text, c.super_category)
     tokenize(tokenizer, [fill_template(p, text) for p in config.sample.prompts])
     return ConceptText(placeholder_ids, text, caption_ids(tokenizer, text, c.caption), templates)
+
+
+def step_models(
+    models: Models, tokenizer: CLIPTokenizer, placeholder_ids: Sequence[int],
+    caption: Sequence[int], resolution: int,
+) -> StepModels:
+    """What a step program is built around. SDXL: the second encoder, the tokenizers' ids it
+    needs and every row's add-time ids (a `resolution` square, uncropped: the views are resized
+    to it)."""
+    sdxl = {}
+    if models.text_encoder_2 is not None:
+        sdxl = dict(text_encoder_2=models.text_encoder_2, eos_id=tokenizer.eos_token_id,
+                    pad_id_2=models.tokenizer_2.pad_token_id,
+                    time_ids=(resolution, resolution, 0, 0, resolution, resolution))
+    return StepModels(models.text_encoder, models.unet, tuple(int(i) for i in caption),
+                      tuple(int(i) for i in placeholder_ids), **sdxl)
+
+
+def sampling_pipeline(
+    models: Models, tokenizer: CLIPTokenizer, placeholder_ids: Sequence[int], placeholder: str,
+    unet_params: Any = None,
+) -> Pipeline:
+    """The run's sampler: `tokenizer` knows the placeholder tokens (`placeholder_ids`); SDXL's
+    second tokenizer gets the same ones. `unet_params`: a trained U-Net (default: the frozen)."""
+    sdxl = {}
+    if models.text_encoder_2 is not None:
+        tokenizer_2 = copy.deepcopy(models.tokenizer_2)
+        if placeholder_ids and add_placeholder_tokens(
+                tokenizer_2, placeholder, len(placeholder_ids)) != list(placeholder_ids):
+            raise InputError("the two tokenizers give the placeholder tokens different ids")
+        sdxl = dict(tokenizer_2=tokenizer_2, text_encoder_2=models.text_encoder_2,
+                    text_2_params=models.params["text_2"])
+    return Pipeline(
+        tokenizer, tuple(placeholder_ids), models.text_encoder, models.params["text"],
+        models.unet, models.params["unet"] if unet_params is None else unet_params, models.vae,
+        models.params["vae"], models.schedule, placeholder=placeholder, **sdxl,
+    )
+
+
+def concept_data(
+    models: Models, tokenizer: CLIPTokenizer, placeholder_text: str,
+    specs: Sequence[ConceptSpec], latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> ConceptData:
+    """`build_concept_data` with the run's encoders (both, for SDXL)."""
+    sdxl = {}
+    if models.text_encoder_2 is not None:
+        sdxl = dict(text_encoder_2=models.text_encoder_2, text_2_params=models.params["text_2"],
+                    pad_id_2=models.tokenizer_2.pad_token_id)
+    return build_concept_data(tokenizer, models.text_encoder, models.params["text"],
+                              placeholder_text, specs, latent_pools, **sdxl)
+
+
+def sdxl_width_1(config: ml_collections.ConfigDict) -> int | None:
+    """For an SDXL run, the first encoder's width (how its learned vectors [V, D1 + D2] split
+    for the SDXL embedding file); None for SD 1.x/2.x. Read from the config's folder or preset
+    without loading weights."""
+    if config.model.path:
+        path = Path(config.model.path)
+        if not (path / "text_encoder_2").is_dir():
+            return None
+        return int(json.loads((path / "text_encoder" / "config.json").read_text())["hidden_size"])
+    preset = PRESETS.get(config.model.preset)
+    return preset.text.hidden_size if preset is not None and preset.text_2 is not None else None
 
 
 def encode_latent_pool(

@@ -40,6 +40,9 @@ class ConceptData:
     cat_hidden: jax.Array  # [C, N, T, D] frozen encodings of y_cat (constant targets)
     num_templates: jax.Array  # [C] int32, templates in use (the rest is padding)
     super_embed: jax.Array  # [C, D] input embedding of the super-category word
+    # SDXL: the frozen pooled text embeddings of y_cat (the U-Net's added conditioning); None
+    # for SD 1.x/2.x.
+    cat_pooled: jax.Array | None = None  # [C, N, P]
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:

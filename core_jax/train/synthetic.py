@@ -91,20 +91,27 @@ def random_setup(
          np.full((pool_size, size, size, 4), 0.05, np.float32))
         for _ in specs
     ]
+    sdxl = {}  # SDXL presets: the second encoder, "!" padding (id 0), 1:1 add-time ids
+    if models.text_encoder_2 is not None:
+        sdxl = dict(text_encoder_2=models.text_encoder_2, pad_id_2=0)
     data = build_concept_data(
-        tokenizer, models.text_encoder, models.params["text"], text, specs, pools
+        tokenizer, models.text_encoder, models.params["text"], text, specs, pools,
+        **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}),
     )
     stages = []
     for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
         values = {"learning_rate": 5e-3, **stage, **((per_run or [{}] * num_concepts)[c])}
         stages.append(stage_config(methods, **values))
+    if sdxl:
+        side = size * 2 ** (len(shapes.vae.block_out_channels) - 1)
+        sdxl.update(eos_id=tokenizer.eos_token_id, time_ids=(side, side, 0, 0, side, side))
     step_models = StepModels(
         models.text_encoder, models.unet,
-        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids),
+        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids), **sdxl,
     )
     schedule = make_schedule()
     program = build_program(stages, step_models, schedule.prediction_type)
-    frozen = with_shared({"text": models.params["text"], "unet": models.params["unet"]},
+    frozen = with_shared({k: v for k, v in models.params.items() if k != "vae"},
                          program.trains)
     keys = stage_keys([s.seed for s in specs], 0)
     params = stage_params([program], 0, {}, data, frozen, num_vectors, keys)
