@@ -1,0 +1,35 @@
+"""Benchmark the SDXL steps: TI, CoRe and CoRe's test-time step on SDXL's topology.
+
+What it runs: the stage-1 step (both text encoders, the concatenated context, the pooled
+embedding and add-time ids in every U-Net pass) with TI only, CoRe (L_emb + L_attn) and the
+test-time step (regularizers only), and the stage-2 U-Net step, on random weights. Here the
+`tiny_sdxl` preset (SDXL's blocks and per-block transformer depths at tiny widths, 8x8
+latents); on an accelerator pass `--config.preset=sdxl` for SDXL base's real shapes (2.6 G U-Net
+parameters, 128x128 latents; about 10 GB of parameters and AdamW state per run for stage 2).
+
+Commands:
+    core-jax bench --config configs/bench_sdxl.py
+    core-jax bench --config configs/bench_sdxl.py --config.preset=sdxl --config.dtype=bfloat16
+
+Time here (2-core CPU): about 4 minutes for the tiny_sdxl preset, nearly all of it compiling.
+What to expect: FLOPs per step (exact, from XLA) in the ratio of SD's: CoRe about 2.3x TI, the
+test-time step CoRe's less the caption pass; times on this CPU say little about accelerators.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "tiny_sdxl"
+    c.dtype = "float32"  # JAX's compute dtype (parameters stay float32); bfloat16 on accelerators
+    c.batch = 2  # rows per step (one concept)
+    c.steps = 5  # timed steps per variant, after the first call and `warmup` more
+    c.warmup = 1
+    c.variants = "ti,core,tto,unet"  # the sampling chain of bench/programs has no SDXL path yet
+    c.torch_threads = 0
+    c.sample = ml_collections.ConfigDict(dict(batch=1, num_inference_steps=50, chains=1))
+    c.scaling = ml_collections.ConfigDict(
+        dict(variant="core", concepts="1,2", batch_per_concept=1, steps=3)
+    )
+    return c
