@@ -2,7 +2,14 @@
 
 from core_jax.text.context import RegularizationPrompts, regularization_prompts
 from core_jax.text.inject import encode_with_learned, placeholder_slots
-from core_jax.text.templates import check_template, fill_template, load_templates
+from core_jax.text.templates import (
+    CLASS_FIELD,
+    check_prompt,
+    check_template,
+    fill_prompt,
+    fill_template,
+    load_templates,
+)
 from core_jax.text.tokenizer import (
     add_placeholder_tokens,
     caption_ids,
@@ -15,13 +22,16 @@ from core_jax.text.tokenizer import (
 from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
 
 __all__ = [
+    "CLASS_FIELD",
     "MODEL_MAX_LENGTH",
     "RegularizationPrompts",
     "add_placeholder_tokens",
     "caption_ids",
+    "check_prompt",
     "check_template",
     "clip_tokenizer_dir",
     "encode_with_learned",
+    "fill_prompt",
     "fill_template",
     "load_templates",
     "load_tokenizer",

@@ -12,7 +12,7 @@ import numpy as np
 from flax import linen as nn
 from transformers import CLIPTokenizer
 
-from core_jax.text import regularization_prompts, super_category_ids
+from core_jax.text import regularization_prompts, super_category_ids, tokenize
 from core_jax.train.state import ConceptData
 
 
@@ -41,11 +41,18 @@ def build_concept_data(
     placeholder_text: str,
     specs: Sequence[ConceptSpec],
     latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    class_pools: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    class_prompts: Sequence[str] | None = None,
+    captions: Sequence[str] | None = None,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
     `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled.
-    The y_cat encodings are computed here, once, with the frozen encoder.
+    The y_cat encodings are computed here, once, with the frozen encoder. For prior
+    preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated class
+    images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded here
+    once; `captions[c]`: each concept's own caption, when the caption names the class.
     """
     prompts = [
         regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
@@ -60,6 +67,16 @@ def build_concept_data(
     encode = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
     cat_ids = stack("cat_ids")  # [C, N, T]
     cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
+    optional = {}
+    if class_pools is not None:
+        class_hidden = encode(jnp.asarray(tokenize(tokenizer, list(class_prompts))))
+        optional = dict(
+            class_mean=jnp.asarray(np.stack([m for m, _ in class_pools]), jnp.float32),
+            class_std=jnp.asarray(np.stack([s for _, s in class_pools]), jnp.float32),
+            class_hidden=jnp.asarray(class_hidden),
+        )
+    if captions is not None:
+        optional["caption_ids"] = jnp.asarray(tokenize(tokenizer, list(captions)))
     return ConceptData(
         latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
         latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),
@@ -73,4 +90,5 @@ def build_concept_data(
             np.stack([super_category_embedding(tokenizer, text_params, s.super_category)
                       for s in specs])
         ),
+        **optional,
     )

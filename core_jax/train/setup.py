@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -28,8 +29,8 @@ from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
     add_placeholder_tokens,
     caption_ids,
-    check_template,
-    fill_template,
+    check_prompt,
+    fill_prompt,
     load_templates,
     load_tokenizer,
     placeholder_string,
@@ -58,6 +59,7 @@ class Models:
     vae: AutoencoderKL | PixelSpace
     params: dict[str, Any]  # {"text": ..., "unet": ..., "vae": ...}
     schedule: NoiseSchedule
+    identity: str = ""  # which weights these are (`model_identity`): caches are keyed by it
 
 
 def run_tokenizer(config: ml_collections.ConfigDict) -> CLIPTokenizer:
@@ -105,7 +107,23 @@ def load_models(
     return Models(
         tokenizer, text_encoder, unet, vae,
         {"text": text_params, "unet": unet_params, "vae": vae_params}, schedule,
+        model_identity(config),
     )
+
+
+def model_identity(config: ml_collections.ConfigDict) -> str:
+    """What `load_models(config)` loads, as a string that changes when the weights do: a
+    folder by its path and its files' sizes and modification times, random weights by preset
+    and seed; and the compute dtype."""
+    dtype = config.model.dtype
+    if not config.model.path:
+        return f"preset={config.model.preset},seed={config.seed},dtype={dtype}"
+    path = Path(config.model.path).resolve()
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    stamps = "\n".join(f"{f.relative_to(path)} {f.stat().st_size} {f.stat().st_mtime_ns}"
+                       for f in files)
+    digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
+    return f"folder={path},files={digest},dtype={dtype}"
 
 
 def _schedule(path: Path) -> NoiseSchedule:
@@ -150,6 +168,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     stages = stage_names(config)
     for stage in stages:
         check_stage(stage, config[stage])
+        for key in ("num_class_images", "class_steps"):  # prior preservation's pool
+            if key in config[stage] and config[stage][key] < 1:
+                raise InputError(f"{stage}.{key} is {config[stage][key]}; it must be at least 1")
         value = config[stage].learning_rate
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{stage}.learning_rate is {value}; it must be a positive number")
@@ -172,7 +193,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.sample.prompts:
         raise InputError("sample.prompts is empty; give at least one prompt with a '{}'")
     for prompt in (config.concept.caption, *config.sample.prompts):
-        check_template(prompt)
+        check_prompt(prompt)
 
 
 def check_resolution(config: ml_collections.ConfigDict, models: Models) -> None:
@@ -227,8 +248,10 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
     # Built again with the encoder later; here for its errors (a template holding the
     # placeholder) and truncation warnings while nothing is written yet.
     regularization_prompts(tokenizer, templates, text, c.super_category)
-    tokenize(tokenizer, [fill_template(p, text) for p in config.sample.prompts])
-    return ConceptText(placeholder_ids, text, caption_ids(tokenizer, text, c.caption), templates)
+    tokenize(tokenizer, [fill_prompt(p, text, c.super_category) for p in config.sample.prompts])
+    return ConceptText(placeholder_ids, text,
+                       caption_ids(tokenizer, text, c.caption, super_category=c.super_category),
+                       templates)
 
 
 def encode_latent_pool(

@@ -40,6 +40,15 @@ class ConceptData:
     cat_hidden: jax.Array  # [C, N, T, D] frozen encodings of y_cat (constant targets)
     num_templates: jax.Array  # [C] int32, templates in use (the rest is padding)
     super_embed: jax.Array  # [C, D] input embedding of the super-category word
+    # Prior preservation (DreamBooth, `core_jax/methods/prior.py`): the pool of class images the
+    # frozen model generated (`core_jax/train/class_pool.py`), encoded as the views are, and the
+    # frozen encoding of the class prompt. None (no leaves, nothing drawn) when no stage needs them.
+    class_mean: jax.Array | None = None  # [C, Q, h, w, 4]
+    class_std: jax.Array | None = None  # [C, Q, h, w, 4]
+    class_hidden: jax.Array | None = None  # [C, T, D] "a photo of a <cls>"
+    # Each concept's caption when it names the class ("a photo of a S* dog"); None: one caption
+    # for every concept (`StepModels.caption_ids`).
+    caption_ids: jax.Array | None = None  # [C, T]
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:
