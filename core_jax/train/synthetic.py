@@ -61,12 +61,15 @@ def random_setup(
     dtype: str = "float32",
     methods: Sequence[str] = STAGE1_METHODS,
     per_run: Sequence[dict[str, Any]] | None = None,
+    class_pool_size: int = 0,
     **stage: Any,
 ) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
     inanimate templates) on random-weight models of `preset`. `stage` sets keys of the stage's
     config (`stage_config(methods, **stage)`: batch_size, weights, variants, ...); `per_run[c]`
-    overrides keys for concept c (its numbers, say)."""
+    overrides keys for concept c (its numbers, say). `class_pool_size` > 0 gives each concept a
+    random pool of that many class latents and the prompt "a photo of a <super-category>", as
+    prior preservation reads them."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
@@ -91,8 +94,16 @@ def random_setup(
          np.full((pool_size, size, size, 4), 0.05, np.float32))
         for _ in specs
     ]
+    prior: dict[str, Any] = {}
+    if class_pool_size:
+        prior["class_pools"] = [
+            (rng.standard_normal((class_pool_size, size, size, 4)).astype(np.float32),
+             np.full((class_pool_size, size, size, 4), 0.05, np.float32))
+            for _ in specs
+        ]
+        prior["class_prompts"] = [f"a photo of a {s.super_category}" for s in specs]
     data = build_concept_data(
-        tokenizer, models.text_encoder, models.params["text"], text, specs, pools
+        tokenizer, models.text_encoder, models.params["text"], text, specs, pools, **prior
     )
     stages = []
     for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
