@@ -30,7 +30,14 @@ def fill_template(template: str, text: str) -> str:
 
 def check_prompt(prompt: str) -> None:
     """`check_template` for a caption or sample prompt, which may also name the class."""
-    check_template(prompt.replace(CLASS_FIELD, "cls"))
+    if CLASS_FIELD not in prompt:
+        check_template(prompt)
+        return
+    try:
+        check_template(prompt.replace(CLASS_FIELD, "cls"))
+    except InputError:
+        raise InputError(f"prompt {prompt!r} must contain exactly one '{{}}' (for S*) and no "
+                         f"brace besides it and '{CLASS_FIELD}' (the class word)") from None
 
 
 def fill_prompt(prompt: str, text: str, super_category: str) -> str:
