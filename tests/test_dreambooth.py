@@ -284,7 +284,8 @@ def test_core_jax_train_dreambooth_tiny_end_to_end_and_its_pool_reused(tmp_path)
 
     assert _generated(_train(workdir)) == 0  # the same command again
     assert pools[1].stat().st_mtime_ns == written
-    second = _train(tmp_path / "second", f"--config.stage1.class_pool_dir={workdir / 'class_pools'}")
+    shared = f"--config.stage1.class_pool_dir={workdir / 'class_pools'}"
+    second = _train(tmp_path / "second", shared)
     assert _generated(second) == 0
     assert not (tmp_path / "second" / "class_pools").exists()
 
