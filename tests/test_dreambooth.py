@@ -148,6 +148,18 @@ def test_caption_and_prompts_name_each_concepts_class():
                               "and no brace besides it and '{cls}' (the class word)")
 
 
+def test_dreambooth_sd15_holds_the_papers_numbers():
+    from test_configs import load
+
+    c = load(ROOT / "configs" / "dreambooth_sd15.py").get_config()
+    s = c.stage1
+    assert s.methods == DREAMBOOTH and c.stage2.steps == 0
+    assert (s.steps, s.learning_rate, s.lambda_prior, s.num_class_images) == (1000, 5e-6, 1.0, 200)
+    assert (s.batch_size, s.weight_decay, s.clip_norm) == (1, 1e-2, 1.0)
+    assert (s.class_prompt, s.class_steps, s.class_guidance_scale) == ("a photo of a {}", 50, 7.5)
+    assert c.concept.caption == "a photo of a {} {cls}" and c.data.resolution == 512
+
+
 # --- Class pools -------------------------------------------------------------------------------
 
 def micro_config(**stage: object) -> ml_collections.ConfigDict:
