@@ -6,8 +6,11 @@ the prior-preservation loss, on a local diffusers folder of SD 1.5. Before train
 model generates 200 images of "a photo of a <class>" (DDIM, 50 steps, guidance 7.5, 8 per
 jitted call), the VAE encodes them into the class pool, cached in `<workdir>/class_pools/`
 (point `stage1.class_pool_dir` at a shared folder to reuse it across runs; a sweep's runs
-share theirs). S* starts at the class word's embedding and stays there (the text encoder is
-frozen); add "textual_inversion" to `stage1.methods` for the learned-S* variant.
+share theirs). S* is the paper's rare-token identifier: it starts at the embedding of "sks"
+(`concept.init_word`, the identifier diffusers' DreamBooth examples use) and stays there, the
+text encoder frozen, so the caption is exactly "a photo of a sks dog". Add "textual_inversion"
+to `stage1.methods` for the learned-S* variant, and set `concept.init_word=""` to start S* at
+the class word instead.
 
 Where the numbers come from (shared/METHODS.md §5, §7):
 - lr 5e-6, ~1000 steps, lambda_prior = 1: DreamBooth (Ruiz et al. 2022, arXiv 2208.12242 §3.3,
@@ -45,6 +48,7 @@ def get_config():
     c.data.rotate_p = 0.0
     c.data.flip_p = 0.0
     c.concept.caption = "a photo of a {} {cls}"  # the paper's "a [V] [class noun]"
+    c.concept.init_word = "sks"  # a rare token as [V]: the paper's rare-token identifiers (§3)
     c.stage1 = stage_config(
         ("unet_finetune", "prior_preservation"), steps=1000, batch_size=1, learning_rate=5e-6,
         weight_decay=1e-2, clip_norm=1.0, lambda_prior=1.0, num_class_images=200,

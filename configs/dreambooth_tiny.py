@@ -7,9 +7,10 @@ is these two methods in one stage: `core_jax/methods/unet_finetune.py`, `prior.p
 training, the frozen model generates `num_class_images` images of "a photo of a cat" (one jitted
 sampler, 8 at a time), the VAE encodes them into a class pool, cached in
 `<workdir>/class_pools/` and reused by a rerun; each step then takes as many class rows as photo
-rows, in the same U-Net call. S* stays at its first value (the super-category's embedding), as
-DreamBooth's rare token stays fixed; adding "textual_inversion" to the stage's methods is the
-learned-S* variant. The numbers are shrunk from the paper's (lr 5e-6, 1000 steps, 200 class
+rows, in the same U-Net call. S* stays at its first value (here the super-category's embedding;
+`--config.concept.init_word=sks` starts it at the rare token "sks", as configs/dreambooth_sd15.py
+does), as DreamBooth's identifier stays fixed; adding "textual_inversion" to the stage's methods
+is the learned-S* variant. The numbers are shrunk from the paper's (lr 5e-6, 1000 steps, 200 class
 images, lambda 1) to run here;
 the learning rate is raised from 5e-6 so that random weights visibly move in 40 steps.
 Nothing is downloaded.

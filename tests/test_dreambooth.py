@@ -148,6 +148,51 @@ def test_caption_and_prompts_name_each_concepts_class():
                               "and no brace besides it and '{cls}' (the class word)")
 
 
+def test_a_rare_token_start_makes_s_star_that_token():
+    """`concept.init_word = "sks"`: S* starts at the input embedding of "sks", so with S*
+    frozen (DreamBooth proper) "a photo of a S* dog" encodes as "a photo of a sks dog"; without
+    it S* starts at the class word and the concept data is as before (no new leaf)."""
+    from core_jax.methods.textual_inversion import EMBEDS
+    from core_jax.models.presets import get_preset, random_models
+    from core_jax.text import add_placeholder_tokens, encode_with_learned, placeholder_slots
+    from core_jax.train.concepts import ConceptSpec, build_concept_data
+
+    models = random_models(get_preset("tiny"), 0, jnp.float32)
+    tokenizer = load_tokenizer()
+    placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", 1)
+    pool = np.zeros((2, 8, 8, 4), np.float32)
+    text_params = models.params["text"]
+
+    def start(init_word: str):
+        spec = ConceptSpec("dog", "dog", ("a photo of a {}",), init_word=init_word)
+        data = build_concept_data(tokenizer, models.text_encoder, text_params, "<s*>", [spec],
+                                  [(pool, pool)])
+        return data, EMBEDS.init(None, data, {}, 1, jnp.zeros((1, 2), jnp.uint32))[0]  # [V, D]
+
+    data, embeds = start("sks")
+    table = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    (sks,) = tokenizer.encode("sks", add_special_tokens=False)
+    np.testing.assert_array_equal(embeds[0], table[sks])
+    ids = tokenize(tokenizer, ["a photo of a <s*> dog"])
+    ours = encode_with_learned(models.text_encoder, text_params, jnp.asarray(ids), embeds,
+                               placeholder_slots(ids, placeholder_ids))
+    want = models.text_encoder.apply(
+        {"params": text_params}, jnp.asarray(tokenize(tokenizer, ["a photo of a sks dog"]))
+    ).last_hidden_state
+    chex.assert_trees_all_close(ours, want, rtol=1e-6, atol=1e-6)
+
+    data, embeds = start("")
+    assert data.init_embed is None
+    np.testing.assert_array_equal(embeds[0], data.super_embed[0])
+
+    config = micro_config()
+    config.concept.init_word = " "
+    with pytest.raises(InputError) as err:
+        run_setup.concept_text(config, load_tokenizer())
+    assert str(err.value) == ("concept.init_word ' ' gives no tokens; give a word such as 'sks', "
+                              "or '' to start S* at the super-category")
+
+
 def test_dreambooth_sd15_holds_the_papers_numbers():
     from test_configs import load
 
@@ -158,6 +203,7 @@ def test_dreambooth_sd15_holds_the_papers_numbers():
     assert (s.batch_size, s.weight_decay, s.clip_norm) == (1, 1e-2, 1.0)
     assert (s.class_prompt, s.class_steps, s.class_guidance_scale) == ("a photo of a {}", 50, 7.5)
     assert c.concept.caption == "a photo of a {} {cls}" and c.data.resolution == 512
+    assert c.concept.init_word == "sks"
 
 
 # --- Class pools -------------------------------------------------------------------------------
@@ -276,7 +322,7 @@ def test_core_jax_train_dreambooth_tiny_end_to_end_and_its_pool_reused(tmp_path)
     command again (a rerun) and a second run pointed at the first one's pools generate
     nothing."""
     workdir = tmp_path / "run"
-    output = _train(workdir)
+    output = _train(workdir, "--config.concept.init_word=sks")
     assert _generated(output) == 1
     pools = sorted((workdir / "class_pools").iterdir())
     assert [p.suffix for p in pools] == [".json", ".npz", ".png"]
@@ -292,12 +338,20 @@ def test_core_jax_train_dreambooth_tiny_end_to_end_and_its_pool_reused(tmp_path)
                  "unet/config.json", "a1111/chelsea.safetensors"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "samples").glob("*.png"))
+    # S* frozen at the rare token it started from: the exported vector is "sks"'s embedding.
+    from core_jax.train.outputs import load_run_config
+
+    text_params = run_setup.load_models(load_run_config(workdir)).params["text"]
+    table = text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    (sks,) = load_tokenizer().encode("sks", add_special_tokens=False)
+    learned = load_file(workdir / "learned_embeds.safetensors")["<s*>"]
+    np.testing.assert_array_equal(learned.reshape(-1), table[sks])
     written = pools[1].stat().st_mtime_ns
 
-    assert _generated(_train(workdir)) == 0  # the same command again
+    assert _generated(_train(workdir, "--config.concept.init_word=sks")) == 0  # a rerun
     assert pools[1].stat().st_mtime_ns == written
     shared = f"--config.stage1.class_pool_dir={workdir / 'class_pools'}"
-    second = _train(tmp_path / "second", shared)
+    second = _train(tmp_path / "second", "--config.concept.init_word=sks", shared)
     assert _generated(second) == 0
     assert not (tmp_path / "second" / "class_pools").exists()
 

@@ -24,6 +24,7 @@ class ConceptSpec:
     super_category: str
     templates: tuple[str, ...]
     seed: int = 0
+    init_word: str = ""  # where S* starts; "" = the super-category
 
 
 def super_category_embedding(
@@ -77,6 +78,11 @@ def build_concept_data(
         )
     if captions is not None:
         optional["caption_ids"] = jnp.asarray(tokenize(tokenizer, list(captions)))
+    if any(s.init_word for s in specs):
+        optional["init_embed"] = jnp.asarray(np.stack([
+            super_category_embedding(tokenizer, text_params, s.init_word or s.super_category)
+            for s in specs
+        ]))
     return ConceptData(
         latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
         latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),

@@ -194,7 +194,8 @@ class Group:
         ]
         specs = [
             ConceptSpec(r.config.concept.name, r.config.concept.super_category,
-                        run_setup.concept_templates(r.config), seed=r.config.seed)
+                        run_setup.concept_templates(r.config), seed=r.config.seed,
+                        init_word=r.config.concept.init_word)
             for r in slots
         ]
         prior: dict[str, Any] = {}

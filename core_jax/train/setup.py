@@ -244,6 +244,9 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
             "regularizers compare against all of them (check the spelling if that is a surprise)",
             stacklevel=2,
         )
+    if c.init_word and not tokenizer.encode(c.init_word, add_special_tokens=False):
+        raise InputError(f"concept.init_word {c.init_word!r} gives no tokens; give a word such "
+                         "as 'sks', or '' to start S* at the super-category")
     templates = concept_templates(config)
     # Built again with the encoder later; here for its errors (a template holding the
     # placeholder) and truncation warnings while nothing is written yet.

@@ -49,6 +49,9 @@ class ConceptData:
     # Each concept's caption when it names the class ("a photo of a S* dog"); None: one caption
     # for every concept (`StepModels.caption_ids`).
     caption_ids: jax.Array | None = None  # [C, T]
+    # Where S* starts when the concept names a word for it (`concept.init_word`, DreamBooth's
+    # rare token); None: at super_embed.
+    init_embed: jax.Array | None = None  # [C, D]
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:
