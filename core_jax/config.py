@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.concept.images = ""  # a folder of photos, or "builtin:chelsea" / "builtin:coffee"
     c.concept.super_category = ""  # "dog", "teapot", ... (several tokens are fine)
     c.concept.placeholder = "<s*>"
+    # The word whose input embedding S* starts at; "" = the super-category. DreamBooth's rare
+    # identifier: "sks" (with S* frozen, "a photo of a S* dog" is then "a photo of a sks dog").
+    c.concept.init_word = ""
     c.concept.num_vectors = 1
     c.concept.templates = "animate"  # "animate", "inanimate", or a file with one "{}" per line
     c.concept.caption = "a photo of a {}"
@@ -139,4 +142,6 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
                     continue  # check_stage names it in one line
                 for key, value in defaults.items():
                     stage.setdefault(key, value)
+    # Keys added within version 2, at the value that behaves as before them.
+    saved.setdefault("concept", {}).setdefault("init_word", "")
     return saved

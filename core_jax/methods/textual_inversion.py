@@ -20,8 +20,10 @@ from core_jax.methods.diffusion_term import DEFAULTS, diffusion_only
 def _init_embeds(
     settings: Settings, data: Any, frozen: Mapping[str, Any], num_vectors: int, keys: jax.Array
 ) -> jax.Array:
-    """Every vector starts at the super-category's embedding: [C, V, D]."""
-    return jnp.repeat(data.super_embed[:, None], num_vectors, axis=1)
+    """Every vector starts at the super-category's embedding, or at the concept's
+    `init_word`'s: [C, V, D]."""
+    start = data.super_embed if data.init_embed is None else data.init_embed
+    return jnp.repeat(start[:, None], num_vectors, axis=1)
 
 
 EMBEDS = ParamGroup(init=_init_embeds)

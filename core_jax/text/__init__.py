@@ -7,7 +7,14 @@ from core_jax.text.inject import (
     placeholder_slots,
     second_encoder_ids,
 )
-from core_jax.text.templates import check_template, fill_template, load_templates
+from core_jax.text.templates import (
+    CLASS_FIELD,
+    check_prompt,
+    check_template,
+    fill_prompt,
+    fill_template,
+    load_templates,
+)
 from core_jax.text.tokenizer import (
     add_placeholder_tokens,
     caption_ids,
@@ -20,14 +27,17 @@ from core_jax.text.tokenizer import (
 from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
 
 __all__ = [
+    "CLASS_FIELD",
     "MODEL_MAX_LENGTH",
     "RegularizationPrompts",
     "add_placeholder_tokens",
     "caption_ids",
+    "check_prompt",
     "check_template",
     "clip_tokenizer_dir",
     "encode_sdxl_with_learned",
     "encode_with_learned",
+    "fill_prompt",
     "fill_template",
     "load_templates",
     "load_tokenizer",

@@ -9,6 +9,9 @@ from pathlib import Path
 from core_jax.errors import InputError
 
 BUILTIN_TEMPLATE_SETS = ("animate", "inanimate")
+# In a caption or sample prompt, stands for the concept's super-category word: DreamBooth trains
+# on "a photo of a {} {cls}" ("a photo of a S* dog"), each concept of a sweep with its own word.
+CLASS_FIELD = "{cls}"
 
 
 def check_template(template: str) -> None:
@@ -23,6 +26,24 @@ def fill_template(template: str, text: str) -> str:
     """The template with its "{}" replaced by text (str.format would choke on other braces)."""
     check_template(template)
     return template.replace("{}", text)
+
+
+def check_prompt(prompt: str) -> None:
+    """`check_template` for a caption or sample prompt, which may also name the class."""
+    if CLASS_FIELD not in prompt:
+        check_template(prompt)
+        return
+    try:
+        check_template(prompt.replace(CLASS_FIELD, "cls"))
+    except InputError:
+        raise InputError(f"prompt {prompt!r} must contain exactly one '{{}}' (for S*) and no "
+                         f"brace besides it and '{CLASS_FIELD}' (the class word)") from None
+
+
+def fill_prompt(prompt: str, text: str, super_category: str) -> str:
+    """A caption or sample prompt with "{}" replaced by text and "{cls}" by the word."""
+    check_prompt(prompt)
+    return prompt.replace(CLASS_FIELD, super_category).replace("{}", text)
 
 
 def _parse(text: str, source: str) -> list[str]:

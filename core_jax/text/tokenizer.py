@@ -17,7 +17,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from core_jax.errors import InputError
-from core_jax.text.templates import fill_template
+from core_jax.text.templates import fill_prompt
 from core_jax.text.vocab import MODEL_MAX_LENGTH, clip_tokenizer_dir
 
 
@@ -137,6 +137,9 @@ def caption_ids(
     placeholder_text: str,
     template: str = "a photo of a {}",
     max_length: int = MODEL_MAX_LENGTH,
+    super_category: str = "",
 ) -> np.ndarray:
-    """Ids [max_length] of the training caption, e.g. "a photo of a <s*>"."""
-    return tokenize(tokenizer, [fill_template(template, placeholder_text)], max_length)[0]
+    """Ids [max_length] of the training caption, e.g. "a photo of a <s*>" (or, with "{cls}" in
+    the template, "a photo of a <s*> dog" for super_category "dog")."""
+    return tokenize(tokenizer, [fill_prompt(template, placeholder_text, super_category)],
+                    max_length)[0]

@@ -12,11 +12,13 @@ import numpy as np
 from flax import linen as nn
 from transformers import CLIPTokenizer
 
+from core_jax.errors import InputError
 from core_jax.text import (
     encode_sdxl_with_learned,
     regularization_prompts,
     second_encoder_ids,
     super_category_ids,
+    tokenize,
 )
 from core_jax.train.state import ConceptData
 
@@ -29,6 +31,7 @@ class ConceptSpec:
     super_category: str
     templates: tuple[str, ...]
     seed: int = 0
+    init_word: str = ""  # where S* starts; "" = the super-category
 
 
 def super_category_embedding(
@@ -50,6 +53,9 @@ def build_concept_data(
     text_encoder_2: nn.Module | None = None,
     text_2_params: dict[str, Any] | None = None,
     pad_id_2: int = 0,
+    class_pools: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    class_prompts: Sequence[str] | None = None,
+    captions: Sequence[str] | None = None,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
@@ -57,7 +63,10 @@ def build_concept_data(
     The y_cat encodings are computed here, once, with the frozen encoder. SDXL (a second
     encoder, whose tokenizer pads with `pad_id_2`): y_cat's context is both encoders' as the
     U-Net reads it, its pooled embeddings are kept, and the super-category's input embedding
-    is both tables' side by side [D1 + D2], as the learned vectors are.
+    is both tables' side by side [D1 + D2], as the learned vectors are. For prior
+    preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated class
+    images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded here
+    once; `captions[c]`: each concept's own caption, when the caption names the class.
     """
     prompts = [
         regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
@@ -71,23 +80,43 @@ def build_concept_data(
 
     cat_ids = stack("cat_ids")  # [C, N, T]
     cat_pooled = None
-    super_embed = np.stack([super_category_embedding(tokenizer, text_params, s.super_category)
-                            for s in specs])
+
+    def input_embedding(word: str) -> np.ndarray:  # [D], SDXL [D1 + D2]
+        embedding = super_category_embedding(tokenizer, text_params, word)
+        if text_encoder_2 is None:
+            return embedding
+        return np.concatenate([embedding,
+                               super_category_embedding(tokenizer, text_2_params, word)])
+
     if text_encoder_2 is None:
         encode = jax.jit(
             lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
         cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
     else:
+        if class_pools is not None:
+            raise InputError("prior preservation on SDXL is not built yet (its class pass "
+                             "needs the pooled embedding); use an SD 1.x/2.x model")
         frozen = {"text": text_params, "text_2": text_2_params}
-        encode = jax.jit(lambda ids: encode_sdxl_with_learned(
+        encode_sdxl = jax.jit(lambda ids: encode_sdxl_with_learned(
             text_encoder, text_encoder_2, frozen, ids,
             second_encoder_ids(ids, tokenizer.eos_token_id, pad_id_2), None))
-        encoded = [jax.device_get(encode(jnp.asarray(ids))) for ids in cat_ids]
+        encoded = [jax.device_get(encode_sdxl(jnp.asarray(ids))) for ids in cat_ids]
         cat_hidden = np.stack([h for h, _ in encoded])
         cat_pooled = jnp.asarray(np.stack([e for _, e in encoded]))
-        super_embed = np.concatenate([super_embed, np.stack([
-            super_category_embedding(tokenizer, text_2_params, s.super_category) for s in specs
-        ])], axis=1)
+    optional = {}
+    if class_pools is not None:
+        class_hidden = encode(jnp.asarray(tokenize(tokenizer, list(class_prompts))))
+        optional = dict(
+            class_mean=jnp.asarray(np.stack([m for m, _ in class_pools]), jnp.float32),
+            class_std=jnp.asarray(np.stack([s for _, s in class_pools]), jnp.float32),
+            class_hidden=jnp.asarray(class_hidden),
+        )
+    if captions is not None:
+        optional["caption_ids"] = jnp.asarray(tokenize(tokenizer, list(captions)))
+    if any(s.init_word for s in specs):
+        optional["init_embed"] = jnp.asarray(np.stack([
+            input_embedding(s.init_word or s.super_category) for s in specs
+        ]))
     return ConceptData(
         latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
         latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),
@@ -97,6 +126,7 @@ def build_concept_data(
         context_mask=jnp.asarray(stack("context_mask")),
         cat_hidden=jnp.asarray(cat_hidden),
         num_templates=jnp.asarray([len(p) for p in prompts], jnp.int32),
-        super_embed=jnp.asarray(super_embed),
+        super_embed=jnp.asarray(np.stack([input_embedding(s.super_category) for s in specs])),
         cat_pooled=cat_pooled,
+        **optional,
     )

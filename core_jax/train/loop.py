@@ -28,10 +28,18 @@ from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
 from core_jax.files import atomic_write_bytes
+from core_jax.methods.prior import POOL_KEYS
 from core_jax.sample import Pipeline, generate
-from core_jax.text import add_placeholder_tokens, caption_ids, fill_template, placeholder_string
+from core_jax.text import (
+    CLASS_FIELD,
+    add_placeholder_tokens,
+    caption_ids,
+    fill_prompt,
+    placeholder_string,
+)
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
+from core_jax.train.class_pool import ClassPools, pool_spec
 from core_jax.train.concepts import ConceptSpec
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
 from core_jax.train.passes import merged_unet, with_shared
@@ -108,6 +116,7 @@ class Env:
     stop: StopRequests
     progress: Callable[[str], None] | None = None  # hears of packs starting, saving, ending
     alone: bool = False  # `core-jax train`: a run that fails raises instead of being reported
+    class_pools: ClassPools | None = None  # prior preservation's class images, made once
 
     @property
     def frozen(self) -> dict[str, Any]:
@@ -134,7 +143,8 @@ class Group:
         self.text = placeholder_string(c.placeholder, c.num_vectors)
         step_models = run_setup.step_models(
             models, self.tokenizer, self.placeholder_ids,
-            caption_ids(self.tokenizer, self.text, c.caption), first.data.resolution,
+            caption_ids(self.tokenizer, self.text, c.caption, super_category=c.super_category),
+            first.data.resolution,
         )
         self.stages = stage_names(first)
         self.ends = stage_ends(first)
@@ -143,6 +153,7 @@ class Group:
                           models.schedule.prediction_type)
             for name in self.stages
         ]
+        self.prior_stage = _prior_stage(first, self.stages, self.programs)
         self.steps = [shard_step(env.mesh, program) for program in self.programs]
         self._pipeline: Pipeline | None = None
         self._frozen: dict[str, Any] | None = None
@@ -180,10 +191,48 @@ class Group:
         ]
         specs = [
             ConceptSpec(r.config.concept.name, r.config.concept.super_category,
-                        run_setup.concept_templates(r.config), seed=r.config.seed)
+                        run_setup.concept_templates(r.config), seed=r.config.seed,
+                        init_word=r.config.concept.init_word)
             for r in slots
         ]
-        return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools)
+        prior: dict[str, Any] = {}
+        if self.prior_stage is not None:
+            stage = self.prior_stage
+            specs_of = [pool_spec(r.config, stage, m.identity) for r in slots]
+            pools_of = self.env.class_pools
+            if pools_of is None:
+                raise ValueError("prior preservation needs Env.class_pools (where pools live)")
+            class_empty = np.zeros((first[stage].num_class_images, *latent_size(first, m)),
+                                   np.float32)
+            prior["class_pools"] = [
+                pools_of.get(spec, m, first[stage].class_pool_dir)
+                if me in hosts[c][0] else (class_empty, class_empty)
+                for c, spec in enumerate(specs_of)
+            ]
+            prior["class_prompts"] = [spec.prompt for spec in specs_of]
+        if CLASS_FIELD in first.concept.caption:
+            prior["captions"] = [
+                fill_prompt(r.config.concept.caption, self.text, r.config.concept.super_category)
+                for r in slots
+            ]
+        return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools, **prior)
+
+
+def _prior_stage(
+    config: ml_collections.ConfigDict, stages: Sequence[str], programs: Sequence[StageProgram]
+) -> str | None:
+    """The first stage whose step reads the class pool (prior preservation with a weight), or
+    None; later stages that read it must ask for the same pool."""
+    reading = [name for name, program in zip(stages, programs, strict=True)
+               if program.needs & {"prior_pred", "prior_target"}]
+    if not reading:
+        return None
+    for name in reading[1:]:
+        differ = [k for k in POOL_KEYS if config[name][k] != config[reading[0]][k]]
+        if differ:
+            raise InputError(f"{name} and {reading[0]} ask for different class pools (they "
+                             f"differ in {', '.join(differ)}); one run has one pool")
+    return reading[0]
 
 
 def latent_size(config: ml_collections.ConfigDict, models: run_setup.Models) -> tuple[int, ...]:
@@ -405,7 +454,8 @@ def _sample_grids(
         params = local_slice({g: state.params[g] for g in state.params}, c)
         pipeline.unet_params = merged_unet(params, base_unet)  # same shapes: compiled once
         s = run.config.sample
-        prompts = [fill_template(p, group.text) for p in s.prompts]
+        prompts = [fill_prompt(p, group.text, run.config.concept.super_category)
+                   for p in s.prompts]
         images = generate(
             pipeline, prompts, params["embeds"], num_images_per_prompt=s.images_per_prompt,
             steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
@@ -513,7 +563,8 @@ def train(
     prepare_workdir(workdir, config, overwrite)
     run = Run(config.concept.name, config, workdir)
     stop = StopRequests(stop_at_step)
-    env = Env(models, mesh, stop, alone=True)
+    env = Env(models, mesh, stop, alone=True,
+              class_pools=ClassPools(workdir / "class_pools", print))
     try:
         _, finished = train_groups([[run]], 1, env, lambda g, k: workdir / "checkpoints")
     finally:

@@ -17,10 +17,15 @@ batch rows [b_l].
 | context_mask | [C, T] | which aligned positions are context tokens |
 | obj_concept / cat_concept | [C, D] | S*'s encoding in y* / the super-category's in y_cat |
 | caption_pred | [C, b, h, w, c] | the U-Net's prediction with the caption |
+| prior_pred | [C, b, h, w, c] | the U-Net's prediction for noised class latents, class prompt |
+| prior_target | [C, b, h, w, c] | the denoising target of those rows |
 | obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
 | data_shards | [C] | how many devices split the rows (for batch sums) |
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
+The class rows of prior preservation (b per concept, drawn from the concept's pool of generated
+class images, `ConceptData.class_mean`) ride in the caption pass's U-Net call, as diffusers'
+`train_dreambooth.py` concatenates instance and class batches.
 Where a run has parameter groups the U-Net reads (its own U-Net copy "unet", adapters "lora",
 spectral shifts "svdiff"; `core_jax.methods.ParamGroup.unet_call`), U-Net calls are vmapped
 over concepts with the frozen U-Net shared (unbatched), and so are the groups' shared values
@@ -88,6 +93,14 @@ class Batch:
     noise: jax.Array  # [B, h, w, c]
     timesteps: jax.Array  # [B] int32
     template: jax.Array  # [C_l] index of each concept's regularization template
+    # The class rows (only when the concept data has a class pool): [B, h, w, c], [B], [B].
+    prior_x0: jax.Array | None = None
+    prior_noise: jax.Array | None = None
+    prior_timesteps: jax.Array | None = None
+
+
+# Folded into a concept's row key for its class rows: they draw nothing its photo rows draw.
+_PRIOR_SALT = 0x5052494F  # "PRIO"
 
 
 def _row_noise(
@@ -111,7 +124,9 @@ def draw_batch(
     rng: jax.Array, step: jax.Array, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array
 ) -> Batch:
     """A step's randomness: per concept from its own key rng [C_l, 2] and step [C_l], per row
-    from its global index in `rows` [b_l], so any split over devices draws the same numbers."""
+    from its global index in `rows` [b_l], so any split over devices draws the same numbers.
+    With a class pool, each row also draws a class row (pool index, noise, timestep) from its
+    key folded with a salt."""
     keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(rng, step)
     template_keys, row_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     pool_size, latent_shape = data.latent_mean.shape[1], data.latent_mean.shape[2:]
@@ -127,7 +142,17 @@ def draw_batch(
         template_keys, data.num_templates
     )
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
-    return Batch(flat(x0), flat(noise), flat(timesteps), template)
+    if data.class_mean is None:
+        return Batch(flat(x0), flat(noise), flat(timesteps), template)
+    class_size = data.class_mean.shape[1]
+    view, latent_eps, prior_t, prior_noise = jax.vmap(
+        lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
+                             schedule.num_train_timesteps)
+    )(row_keys)
+    prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
+                + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
+    return Batch(flat(x0), flat(noise), flat(timesteps), template, flat(prior_x0),
+                 flat(prior_noise), flat(prior_t))
 
 
 # What each computation needs computed first (beyond the batch and the constants).
@@ -239,18 +264,34 @@ class Passes:
             self._x_t = add_noise(self.schedule, b.x0, b.noise, b.timesteps)
         return self._x_t
 
+    @property
+    def prior_batch(self) -> Batch:
+        if self.batch.prior_x0 is None:
+            raise ValueError("prior preservation needs a class pool in the concept data "
+                             "(core_jax.train.class_pool)")
+        return self.batch
+
+    @property
+    def prior_inputs(self) -> tuple[jax.Array, jax.Array]:
+        """The class rows' noisy latents [C_l, b_l, h, w, c] and timesteps [C_l, b_l]."""
+        b = self.prior_batch
+        x_t = add_noise(self.schedule, b.prior_x0, b.prior_noise, b.prior_timesteps)
+        return self.per_concept(x_t), self.per_concept(b.prior_timesteps)
+
     def unet(
         self, contexts: list[jax.Array], with_stats: bool,
+        inputs: list[tuple[jax.Array, jax.Array] | None] | None = None,
         pooled: list[jax.Array] | None = None,
     ) -> list[tuple]:
-        """The U-Net on this step's noisy latents, once per context [C_l, T, D] (every row of a
-        concept takes its concept's context; SDXL: and its pooled embedding [C_l, P]), all in
-        one call. Returns per context (prediction [C_l, b_l, ...], attention means
-        [C_l, L, b_l, T] or None)."""
+        """The U-Net once per context [C_l, T, D] (every row of a concept takes its concept's
+        context; SDXL: and its pooled embedding [C_l, P]), all in one call, on this step's
+        noisy latents or, where `inputs[k]` is given, on those (noisy latents
+        [C_l, b_l, ...], timesteps [C_l, b_l]). Returns per context (prediction
+        [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
-        x = self.per_concept(self.x_t)
-        t = self.per_concept(b.timesteps)
+        own = (self.per_concept(self.x_t), self.per_concept(b.timesteps))
+        xs, ts = zip(*[own if i is None else i for i in (inputs or [None] * n)], strict=True)
         per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
         if pooled is not None:  # SDXL: the pooled embedding and add-time ids ride with the context
             time_ids = jnp.asarray(self.models.time_ids, jnp.float32)
@@ -278,7 +319,7 @@ class Passes:
                 return call(frozen_unet)
 
             args = ({name: self.params[name] for name in groups},
-                    jnp.concatenate([x] * n, axis=1), jnp.concatenate([t] * n, axis=1),
+                    jnp.concatenate(xs, axis=1), jnp.concatenate(ts, axis=1),
                     jax.tree.map(lambda *c: jnp.concatenate(c, axis=1), *per_row))
             if concepts == 1:  # one run: a plain call (vmap would batch a U-Net copy's kernels)
                 out = run(*jax.tree.map(lambda a: a[0], args))
@@ -291,7 +332,8 @@ class Passes:
                     for k in range(n)]
         flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
         pred, stats = apply(
-            self.frozen["unet"], jnp.concatenate([flat(x)] * n), jnp.concatenate([flat(t)] * n),
+            self.frozen["unet"], jnp.concatenate([flat(x) for x in xs]),
+            jnp.concatenate([flat(t) for t in ts]),
             jax.tree.map(lambda *c: jnp.concatenate([flat(a) for a in c]), *per_row),
         )  # [n B, ...], [L, n B, T]
         size = concepts * rows
@@ -316,8 +358,11 @@ def _text(p: Passes) -> None:
     m = p.models
     blocks = []
     if "caption_hidden" in p.needs:
-        caption = jnp.asarray(m.caption_ids)
-        blocks.append(jnp.broadcast_to(caption, (p.num_concepts, len(m.caption_ids))))
+        if p.data.caption_ids is not None:  # each concept's own caption
+            blocks.append(p.data.caption_ids)
+        else:
+            caption = jnp.asarray(m.caption_ids)
+            blocks.append(jnp.broadcast_to(caption, (p.num_concepts, len(m.caption_ids))))
     if "obj_hidden" in p.needs:
         blocks.append(p.pick(p.data.obj_ids))
     ids = jnp.concatenate(blocks)  # [R, T]
@@ -335,19 +380,23 @@ def _text(p: Passes) -> None:
 
 
 def _unet_passes(p: Passes) -> None:
-    """The caption pass (diffusion) and the y* pass (attention statistics) share one call."""
-    names = [n for n in ("caption_pred", "obj_stats") if n in p.needs]
-    contexts = {"caption_pred": "caption_hidden", "obj_stats": "obj_hidden"}
-    hidden = [p[contexts[n]] for n in names]
+    """The caption pass (diffusion), the y* pass (attention statistics) and the class pass
+    (prior preservation) share one call."""
+    names = [n for n in ("caption_pred", "obj_stats", "prior_pred") if n in p.needs]
+    contexts = {"caption_pred": lambda: p["caption_hidden"], "obj_stats": lambda: p["obj_hidden"],
+                "prior_pred": lambda: p.data.class_hidden}
+    inputs = [p.prior_inputs if n == "prior_pred" else None for n in names]
     pooled = None
-    if p.models.text_encoder_2 is not None:
-        pooled = [p._values[contexts[n].replace("hidden", "pooled")] for n in names]
-    results = p.unet(hidden, with_stats="obj_stats" in p.needs, pooled=pooled)
+    if p.models.text_encoder_2 is not None:  # SDXL (prior preservation is refused there)
+        pooled_of = {"caption_pred": "caption_pooled", "obj_stats": "obj_pooled"}
+        pooled = [p._values[pooled_of[n]] for n in names]
+    results = p.unet([contexts[n]() for n in names], with_stats="obj_stats" in p.needs,
+                     inputs=inputs, pooled=pooled)
     for name, (pred, stats) in zip(names, results, strict=True):
-        if name == "caption_pred":
-            p._values[name] = pred
-        else:
+        if name == "obj_stats":
             p._values[name] = _aligned_stats(stats, p.pick(p.data.obj_index))
+        else:
+            p._values[name] = pred
 
 
 def _cat_stats(p: Passes) -> None:
@@ -419,6 +468,9 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "cat_concept": _set("cat_concept", _cat_concept),
     "caption_pred": _unet_passes,
     "obj_stats": _unet_passes,
+    "prior_pred": _unet_passes,
+    "prior_target": _set("prior_target", lambda p: p.per_concept(training_target(
+        p.schedule, p.prior_batch.prior_x0, p.batch.prior_noise, p.batch.prior_timesteps))),
     "cat_stats": _cat_stats,
     "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
                                                           jnp.float32)),

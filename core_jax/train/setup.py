@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
@@ -32,9 +33,9 @@ from core_jax.sample import Pipeline
 from core_jax.text import (
     add_placeholder_tokens,
     caption_ids,
-    check_template,
+    check_prompt,
     clip_tokenizer_dir,
-    fill_template,
+    fill_prompt,
     load_templates,
     load_tokenizer,
     placeholder_string,
@@ -69,6 +70,7 @@ class Models:
     # SDXL's second text encoder and tokenizer (which pads with "!"); None for SD 1.x/2.x.
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
+    identity: str = ""  # which weights these are (`model_identity`): caches are keyed by it
 
     @property
     def frozen_text(self) -> dict[str, Any]:
@@ -129,7 +131,22 @@ def load_models(
             tokenizer_2 = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), pad_token="!")
         schedule = make_schedule()
     return Models(tokenizer, text_encoder, unet, vae, params, schedule, tokenizer_2,
-                  text_encoder_2)
+                  text_encoder_2, model_identity(config))
+
+
+def model_identity(config: ml_collections.ConfigDict) -> str:
+    """What `load_models(config)` loads, as a string that changes when the weights do: a
+    folder by its path and its files' sizes and modification times, random weights by preset
+    and seed; and the compute dtype."""
+    dtype = config.model.dtype
+    if not config.model.path:
+        return f"preset={config.model.preset},seed={config.seed},dtype={dtype}"
+    path = Path(config.model.path).resolve()
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    stamps = "\n".join(f"{f.relative_to(path)} {f.stat().st_size} {f.stat().st_mtime_ns}"
+                       for f in files)
+    digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
+    return f"folder={path},files={digest},dtype={dtype}"
 
 
 def _schedule(path: Path) -> NoiseSchedule:
@@ -174,6 +191,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     stages = stage_names(config)
     for stage in stages:
         check_stage(stage, config[stage])
+        for key in ("num_class_images", "class_steps"):  # prior preservation's pool
+            if key in config[stage] and config[stage][key] < 1:
+                raise InputError(f"{stage}.{key} is {config[stage][key]}; it must be at least 1")
         value = config[stage].learning_rate
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{stage}.learning_rate is {value}; it must be a positive number")
@@ -196,7 +216,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.sample.prompts:
         raise InputError("sample.prompts is empty; give at least one prompt with a '{}'")
     for prompt in (config.concept.caption, *config.sample.prompts):
-        check_template(prompt)
+        check_prompt(prompt)
 
 
 def check_resolution(config: ml_collections.ConfigDict, models: Models) -> None:
@@ -247,12 +267,17 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
             "regularizers compare against all of them (check the spelling if that is a surprise)",
             stacklevel=2,
         )
+    if c.init_word and not tokenizer.encode(c.init_word, add_special_tokens=False):
+        raise InputError(f"concept.init_word {c.init_word!r} gives no tokens; give a word such "
+                         "as 'sks', or '' to start S* at the super-category")
     templates = concept_templates(config)
     # Built again with the encoder later; here for its errors (a template holding the
     # placeholder) and truncation warnings while nothing is written yet.
     regularization_prompts(tokenizer, templates, text, c.super_category)
-    tokenize(tokenizer, [fill_template(p, text) for p in config.sample.prompts])
-    return ConceptText(placeholder_ids, text, caption_ids(tokenizer, text, c.caption), templates)
+    tokenize(tokenizer, [fill_prompt(p, text, c.super_category) for p in config.sample.prompts])
+    return ConceptText(placeholder_ids, text,
+                       caption_ids(tokenizer, text, c.caption, super_category=c.super_category),
+                       templates)
 
 
 def step_models(
@@ -295,14 +320,16 @@ def sampling_pipeline(
 def concept_data(
     models: Models, tokenizer: CLIPTokenizer, placeholder_text: str,
     specs: Sequence[ConceptSpec], latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    **prior: Any,
 ) -> ConceptData:
-    """`build_concept_data` with the run's encoders (both, for SDXL)."""
+    """`build_concept_data` with the run's encoders (both, for SDXL); `prior`: its class
+    pools, class prompts and captions, when a stage preserves the prior."""
     sdxl = {}
     if models.text_encoder_2 is not None:
         sdxl = dict(text_encoder_2=models.text_encoder_2, text_2_params=models.params["text_2"],
                     pad_id_2=models.tokenizer_2.pad_token_id)
     return build_concept_data(tokenizer, models.text_encoder, models.params["text"],
-                              placeholder_text, specs, latent_pools, **sdxl)
+                              placeholder_text, specs, latent_pools, **sdxl, **prior)
 
 
 def sdxl_width_1(config: ml_collections.ConfigDict) -> int | None:

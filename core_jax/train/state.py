@@ -43,6 +43,18 @@ class ConceptData:
     # SDXL: the frozen pooled text embeddings of y_cat (the U-Net's added conditioning); None
     # for SD 1.x/2.x.
     cat_pooled: jax.Array | None = None  # [C, N, P]
+    # Prior preservation (DreamBooth, `core_jax/methods/prior.py`): the pool of class images the
+    # frozen model generated (`core_jax/train/class_pool.py`), encoded as the views are, and the
+    # frozen encoding of the class prompt. None (no leaves, nothing drawn) when no stage needs them.
+    class_mean: jax.Array | None = None  # [C, Q, h, w, 4]
+    class_std: jax.Array | None = None  # [C, Q, h, w, 4]
+    class_hidden: jax.Array | None = None  # [C, T, D] "a photo of a <cls>"
+    # Each concept's caption when it names the class ("a photo of a S* dog"); None: one caption
+    # for every concept (`StepModels.caption_ids`).
+    caption_ids: jax.Array | None = None  # [C, T]
+    # Where S* starts when the concept names a word for it (`concept.init_word`, DreamBooth's
+    # rare token); None: at super_embed.
+    init_embed: jax.Array | None = None  # [C, D]
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:

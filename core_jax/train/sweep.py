@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes
 from core_jax.train import setup as run_setup
+from core_jax.train.class_pool import ClassPools
 from core_jax.train.loop import Env, Run, StopRequests, read_result, train_groups
 from core_jax.train.parallel import fit_mesh
 from core_jax.train.stages import number_keys, stage_names
@@ -141,7 +142,8 @@ def sweep(
     for run in runs:
         groups.setdefault(group_key(run), []).append(run)
     stop = StopRequests()
-    env = Env(run_setup.load_models(runs[0].config), mesh, stop, progress)
+    env = Env(run_setup.load_models(runs[0].config), mesh, stop, progress,
+              class_pools=ClassPools(workdir / "class_pools", progress or print))
     try:
         reports, finished = train_groups(
             list(groups.values()), pack, env,

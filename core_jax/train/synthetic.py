@@ -61,12 +61,15 @@ def random_setup(
     dtype: str = "float32",
     methods: Sequence[str] = STAGE1_METHODS,
     per_run: Sequence[dict[str, Any]] | None = None,
+    class_pool_size: int = 0,
     **stage: Any,
 ) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
     inanimate templates) on random-weight models of `preset`. `stage` sets keys of the stage's
     config (`stage_config(methods, **stage)`: batch_size, weights, variants, ...); `per_run[c]`
-    overrides keys for concept c (its numbers, say)."""
+    overrides keys for concept c (its numbers, say). `class_pool_size` > 0 gives each concept a
+    random pool of that many class latents and the prompt "a photo of a <super-category>", as
+    prior preservation reads them."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
@@ -94,9 +97,17 @@ def random_setup(
     sdxl = {}  # SDXL presets: the second encoder, "!" padding (id 0), 1:1 add-time ids
     if models.text_encoder_2 is not None:
         sdxl = dict(text_encoder_2=models.text_encoder_2, pad_id_2=0)
+    prior: dict[str, Any] = {}
+    if class_pool_size:
+        prior["class_pools"] = [
+            (rng.standard_normal((class_pool_size, size, size, 4)).astype(np.float32),
+             np.full((class_pool_size, size, size, 4), 0.05, np.float32))
+            for _ in specs
+        ]
+        prior["class_prompts"] = [f"a photo of a {s.super_category}" for s in specs]
     data = build_concept_data(
         tokenizer, models.text_encoder, models.params["text"], text, specs, pools,
-        **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}),
+        **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}), **prior,
     )
     stages = []
     for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
