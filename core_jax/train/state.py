@@ -49,6 +49,9 @@ class ConceptData:
     # Each concept's caption when it names the class ("a photo of a S* dog"); None: one caption
     # for every concept (`StepModels.caption_ids`).
     caption_ids: jax.Array | None = None  # [C, T]
+    # [C, P, h, w, 1] bool: each view's object region (Custom Diffusion's zoom augmentation,
+    # `core_jax.data.zoom_views`); None: no masks (every other augmentation)
+    latent_mask: jax.Array | None = None
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:
