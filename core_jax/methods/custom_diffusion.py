@@ -18,22 +18,42 @@ unchanged, so it only keeps that always-identical token from pulling the trained
 Keys (stage config):
 - `learning_rate`: both groups'. The code trains at 1e-5 with `--scale_lr`, i.e. 1e-5 times
   the images per optimizer step (gradient accumulation x batch x GPUs), times 2 with prior
-  preservation, whose class images double the batch (ClassDiffusion's code; METHODS.md: the
-  diffusers recipe, bs 2 per GPU on 2 GPUs, is 4e-5): `scaled_learning_rate` computes it.
+  preservation, whose class images double the batch (diffusers' train_custom_diffusion.py
+  and ClassDiffusion's code): `scaled_learning_rate` computes it. The diffusers recipe
+  (METHODS.md: 2 photos per GPU on 2 GPUs, prior preservation) is 1e-5 x 4 x 2 = 8e-5, the
+  "8e-5 at batch 8" (4 photos + 4 regularization images) quoted from the paper.
 - `masked_loss` (default True): the diffusion loss only on each view's object region, which
   Custom Diffusion's zoom augmentation marks (`data.augmentation = "custom_diffusion"`,
-  `core_jax.data.zoom_view`; the run refuses to start without it). The loss is the mean over
-  the masked latent elements; the code divides the channel-summed error by the mask's pixel
-  count, 4x this for SD's 4 latent channels. Alone that factor is invisible to Adam; next to
-  prior preservation the code's lambda_prior = 1 equals lambda_prior = 0.25 here.
+  `core_jax.data.zoom_view`; the run refuses to start without it).
 - `min_snr_gamma` as every diffusion loss (0: uniform timesteps, the code's).
+
+Loss scale (a decision): per row, the mean of the squared error over the masked latent
+elements (every channel of each masked cell; 0 for an empty mask), then the mean over rows.
+It is the quantity every other method's diffusion term logs, so runs of different methods
+compare, and with a full mask it is exactly the unmasked loss. The official code sums the error
+over the channels and divides by the mask's cell count, 4x ours with SD's 4 latent channels on
+every row (full masks too): a by-product of its one-channel mask, not a weighting anyone
+chose. Scaling the whole loss leaves AdamW's steps unchanged (up to its eps), so alone the two
+train the same; only the ratio to another term shows the factor: the code's
+`--prior_loss_weight` w is `lambda_prior` = w / 4 here, its 1.0 is 0.25 (what
+configs/custom_diffusion_*.py set). `prior_preservation`'s own default stays DreamBooth's 1,
+which next to this method weights the prior 4x the code's.
+
+Regularization: the stage `("custom_diffusion", "prior_preservation")` adds the paper's 200
+regularization images (`num_class_images`), as many class rows per step as photo rows, in the
+same U-Net call through the run's K/V, unmasked (the code masks only the photo rows); the
+learning rate doubles (`scaled_learning_rate(..., prior_preservation=True)`). The class images
+come from DreamBooth's class pool, generated once by the frozen model from "a photo of a <cls>"
+(`core_jax.train.class_pool`), where the paper retrieves real LAION images with similar captions
+(`--real_prior`; with generated images, "w/ Gen", its project page reports similar samples of
+the concept but some overfitting on related concepts).
 
 Defaults of the code not built here: the rare-token initialisation of the modifier token
 (`--initializer_token ktn`; here the super-category's embedding, as every method of the
 project), the zoom prompts ("a far away" / "very small" on zoomed-out views, "zoomed in" /
 "close up" on zoomed-in ones: the step has one caption for every row), and retrieved real
-regularization images (prior preservation is the separate method `prior_preservation`).
-The caption "a photo of a S* cls" with the class word is the config's `concept.caption`.
+regularization images (above). The caption "photo of a S* cls" with the class word is the
+config's `concept.caption` ("a photo of a {} {cls}").
 
 Exports (`core_jax.export.save_custom_diffusion`): `pytorch_custom_diffusion_weights.bin` (when
 torch is installed) and `.safetensors`, diffusers' names
