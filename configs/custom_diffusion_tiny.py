@@ -17,8 +17,17 @@ that random weights visibly move in 40 steps. Nothing is downloaded.
 Command:
     core-jax train --config configs/custom_diffusion_tiny.py --workdir runs/custom_diffusion_tiny
 
-Time here (2-core CPU, shared): TIME_TBD
-What it should reach: RESULT_TBD
+Time here (2-core CPU): measured 5:48 wall (3:10 CPU) once, on a machine loaded by other jobs;
+most of it compiling the step, the class-image sampler and the grid sampler (training itself
+~6 steps/s once compiled).
+What it should reach: both terms, `diffusion` (on the object regions) and `prior`, finite and
+logged (measured at step 40: diffusion 1.31, prior 1.14, loss 1.60 = diffusion + 0.25 prior);
+class_pools/<key>.npz, .json and .png (the 16 class images); pytorch_custom_diffusion_weights.bin
+(diffusers: `pipe.unet.load_attn_procs(workdir, weight_name=..., _pipeline=pipe)`) and .safetensors
+holding the 32 K/V kernels (45k numbers; measured 5.5 % relative L2 away from the frozen ones),
+learned_embeds.safetensors and the A1111 embedding, sample grids with the K/V merged,
+checkpoints whose state holds the vectors and the K/V only. With random weights the pictures
+are noise: this run proves the machinery, not the method.
 """
 
 from core_jax.config import base_config, stage_config

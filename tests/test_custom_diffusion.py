@@ -111,32 +111,43 @@ def _theirs(unet, latents, timesteps, context) -> np.ndarray:
 
 # --- Reference: diffusers' Custom Diffusion processors --------------------------------------
 
-def test_kv_adapted_unet_and_its_gradients_match_diffusers_processors(tmp_path):
-    """Outputs with trained K/V, and the gradient of a random projection of the output with
-    respect to every K/V kernel: diffusers' processor detaches the start token's keys and
-    values, so its gradients differ from a plain U-Net's with the same kernels; ours match
-    it (bound: 1e-4 of the largest gradient entry; a gradient with the start token flowing
-    is >= 1e-2 of it away)."""
-    torch.manual_seed(0)
-    ref = jitter(diffusers.UNet2DConditionModel(**SD1_UNET), seed=0)
+def _reference(tmp_path, seed: int):
+    """A jittered diffusers U-Net, ours loaded from its folder, trained-like K/V, inputs."""
+    torch.manual_seed(seed)
+    ref = jitter(diffusers.UNet2DConditionModel(**SD1_UNET), seed=seed)
     ref.save_pretrained(tmp_path / "unet")
     module, params = weights.load_unet(tmp_path)
     assert len(kv_paths(params)) == 2 * module.config.num_cross_attention_layers == 20
-    kv = _trained_kv(params, seed=0)
-    latents, timesteps, context = _inputs(8, 24, seed=0)
-    call = _apply(module, latents, timesteps, context)
-    base = np.asarray(call(params))
+    latents, timesteps, context = _inputs(8, 24, seed=seed)
+    return ref, params, _trained_kv(params, seed), _apply(module, latents, timesteps, context), (
+        latents, timesteps, context)
 
+
+def test_kv_adapted_unet_matches_diffusers_processors(tmp_path):
+    """Our U-Net call with trained K/V (through `kv_call`, and with the K/V merged into the
+    kernels as the sampler uses them) against diffusers' U-Net with Custom Diffusion
+    processors holding the same K/V."""
+    ref, params, kv, call, inputs = _reference(tmp_path, seed=0)
+    base = np.asarray(call(params))
     ref.set_attn_processor(_processors(ref, kv))
-    theirs_out = ref(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
-    expected = nhwc(theirs_out)
+    expected = _theirs(ref, *inputs)
     assert np.abs(expected - base).max() > 1e-2 * np.abs(base).max()  # the K/V matter
-    ours = np.asarray(kv_call(call, params, kv))
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(kv_call(call, params, kv)), expected, rtol=0,
+                               atol=ATOL)
     np.testing.assert_allclose(np.asarray(call(merge(params, kv))), expected, rtol=0, atol=ATOL)
 
-    probe = np.random.default_rng(1).standard_normal(expected.shape).astype(np.float32)
-    (theirs_out * nchw(probe)).sum().backward()
+
+@pytest.mark.slow
+def test_kv_gradients_match_diffusers_processors_start_token_detached(tmp_path):
+    """The gradient of a random projection of the output with respect to every K/V kernel:
+    diffusers' processor detaches the start token's keys and values, so its gradients differ
+    from a plain U-Net's with the same kernels; ours match it (bound: 1e-4 of the largest
+    gradient entry; the gradient with the start token flowing is >= 1e-2 of it away)."""
+    ref, params, kv, call, (latents, timesteps, context) = _reference(tmp_path, seed=1)
+    ref.set_attn_processor(_processors(ref, kv))
+    out = ref(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+    probe = np.random.default_rng(1).standard_normal(nhwc(out).shape).astype(np.float32)
+    (out * nchw(probe)).sum().backward()
     their_grads = {
         f"{name}.{weight}.weight": getattr(processor, weight).weight.grad.numpy()
         for name, processor in ref.attn_processors.items() if processor.train_kv
@@ -459,3 +470,28 @@ def test_core_jax_train_with_custom_diffusion_tiny_exports_what_it_trained(tmp_p
     for key, value in exported.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
 
+
+
+
+def test_sd15_config_holds_the_papers_recipe():
+    """configs/custom_diffusion_sd15.py: METHODS.md section 5's numbers, lambda_prior at our
+    loss scale (the code's 1.0 / 4), and a config the run's checks accept."""
+    import importlib.util
+
+    from core_jax.train import setup as run_setup
+
+    spec = importlib.util.spec_from_file_location(
+        "custom_diffusion_sd15", ROOT / "configs" / "custom_diffusion_sd15.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    s = c.stage1
+    assert s.methods == ("custom_diffusion", "prior_preservation") and c.stage2.steps == 0
+    assert (s.steps, s.batch_size, s.weight_decay) == (250, 4, 1e-2)
+    assert s.learning_rate == pytest.approx(8e-5)
+    assert (s.lambda_prior, s.num_class_images, s.masked_loss) == (0.25, 200, True)
+    assert (c.data.augmentation, c.data.flip_p, c.data.resolution) == ("custom_diffusion", 0.5,
+                                                                       512)
+    assert c.concept.caption == "photo of a {} {cls}"
+    c.concept.super_category = "dog"
+    run_setup.check_config(c)

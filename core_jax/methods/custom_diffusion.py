@@ -8,8 +8,8 @@ vectors "embeds" (textual_inversion's group: they start from the super-category'
 One learning rate for both, as the code's single AdamW over the token embedding and the K/V
 weights. The frozen U-Net stays one shared copy: a U-Net call uses a tree that is the frozen
 params with those kernels replaced (the rest of the tree is the frozen arrays themselves, so
-packed runs never copy it), 19.7 M numbers (79 MB in fp32; the paper's "75 MB") for SD 1.5's
-shapes, 41k for the tiny preset.
+packed runs never copy it): 19.2 M numbers (77 MB in fp32; the paper's "75 MB") for SD 1.5's
+shapes, 25.6 M for SD 2.1's, 45k for the tiny preset.
 
 Quirk kept from the code (diffusers' `CustomDiffusionAttnProcessor`): the keys and values of
 the first token (start-of-text) pass no gradient back (`detach` at position 0); the forward is
