@@ -458,7 +458,7 @@ def test_core_jax_train_with_custom_diffusion_tiny_exports_what_it_trained(tmp_p
     kv = jax.tree.map(lambda x: np.asarray(x)[0], state["params"]["custom_diffusion"])
     exported = load_file(workdir / CUSTOM_DIFFUSION_NAME)
     want = state_dict(kv)
-    assert exported.keys() == want.keys() and len(want) == 4  # micro: 2 cross-attention layers
+    assert exported.keys() == want.keys() and len(want) == 8  # micro: 4 cross-attention layers
     for key, value in want.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
     assert (workdir / CUSTOM_DIFFUSION_BIN_NAME).is_file()
