@@ -5,8 +5,9 @@ the masked loss by hand; steps that move only the cross-attention K/V and S*; pa
 to each alone; prior preservation in the same stage; `core-jax train` with
 configs/custom_diffusion_tiny.py end to end.
 
-Tolerance of the reference checks: max-abs 1e-4 on U-Net outputs of magnitude ~1 (fp32 on both
-sides, only the summation order differs; tests/test_lora.py argues the size of that rounding).
+Tolerance of the reference checks: max-abs 1e-4 on U-Net outputs of magnitude ~2 (fp32 on both
+sides, only the summation order differs; tests/test_lora.py argues the size of that rounding;
+observed 3e-6, and 2e-6 of the largest entry for the gradients).
 The K/V are drawn 30 % away from the frozen ones, which moves the outputs by >= 1e-2: a wrong
 layer mapping or a transposed kernel cannot hide under the bound.
 """
@@ -142,7 +143,8 @@ def test_kv_gradients_match_diffusers_processors_start_token_detached(tmp_path):
     """The gradient of a random projection of the output with respect to every K/V kernel:
     diffusers' processor detaches the start token's keys and values, so its gradients differ
     from a plain U-Net's with the same kernels; ours match it (bound: 1e-4 of the largest
-    gradient entry; the gradient with the start token flowing is >= 1e-2 of it away)."""
+    gradient entry; the gradient with the start token flowing is >= 1e-2 of it away: observed
+    2e-6 and 0.58)."""
     ref, params, kv, call, (latents, timesteps, context) = _reference(tmp_path, seed=1)
     ref.set_attn_processor(_processors(ref, kv))
     out = ref(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
