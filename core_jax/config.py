@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rotate_p = 0.75
     c.data.max_angle = 45.0
     c.data.flip_p = 0.25
+    # "core": the augmentation above; "custom_diffusion": Custom Diffusion's zoom in / out with
+    # object masks (core_jax.data.zoom_views; flip_p applies, the rotation keys do not).
+    # Configs saved before this key existed read as "core".
+    c.data.augmentation = "core"
 
     # Stage 1: the embedding, with the context regularizers (the methods' defaults are the
     # paper's: lambda_emb 1.5e-4, lambda_attn 0.05, the norm hold over steps 120-180; pairwise

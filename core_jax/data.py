@@ -322,6 +322,72 @@ def augmented_views(
     return out
 
 
+# Custom Diffusion's augmentation (diffusers' examples/custom_diffusion/train_custom_diffusion.py,
+# CustomDiffusionDataset, as the ClassDiffusion code: METHODS.md section 2 and 5).
+ZOOM_OUT_P = 0.66  # the share of views shrunk onto a canvas; the rest are zoomed in
+ZOOM_IN_RANGE = (1.2, 1.4)  # zoomed-in side, as a multiple of the resolution
+CD_FLIP_P = 0.5  # its --hflip
+
+
+def zoom_view(
+    image: Image.Image, resolution: int, factor: int, rng: np.random.Generator,
+    flip_p: float = CD_FLIP_P,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One view as Custom Diffusion's code makes it, and its object region at latent resolution.
+
+    The photo is flipped (p = `flip_p`), resized to a square of a random side s (the code
+    squashes, it does not crop to a square first): with p 0.66 s in [R/3, R] and the photo is
+    placed at a random position on a blank canvas of side R (0 in [-1, 1], mid grey); otherwise
+    s in [1.2 R, 1.4 R) and a random R x R crop of it is the view. The mask [R/f, R/f, 1]
+    (f = the VAE's factor) is all ones for a crop; for a canvas it marks the latent pixels the
+    photo covers, less one pixel on each side, as the code's
+    `mask[top // f + 1 : (top + s) // f - 1, left // f + 1 : (left + s) // f - 1] = 1`.
+
+    Returns (float32 [R, R, 3] in [-1, 1], bool [R/f, R/f, 1]).
+    """
+    img = image.convert("RGB")
+    if rng.random() < flip_p:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < ZOOM_OUT_P:
+        side = int(rng.integers(resolution // 3, resolution + 1))
+    else:
+        low, high = (int(k * resolution) for k in ZOOM_IN_RANGE)
+        side = int(rng.integers(low, high))
+    outer, inner = max(side, resolution), min(side, resolution)
+    top, left = (int(v) for v in rng.integers(0, outer - inner + 1, size=2))
+    pixels = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR), np.float32)
+    pixels = pixels / 127.5 - 1.0
+    cells = resolution // factor
+    if side > resolution:
+        view = pixels[top : top + resolution, left : left + resolution]
+        mask = np.ones((cells, cells, 1), bool)
+    else:
+        view = np.zeros((resolution, resolution, 3), np.float32)
+        view[top : top + side, left : left + side] = pixels
+        mask = np.zeros((cells, cells, 1), bool)
+        mask[top // factor + 1 : (top + side) // factor - 1,
+             left // factor + 1 : (left + side) // factor - 1] = True
+    return np.ascontiguousarray(view), mask
+
+
+def zoom_views(
+    images: Sequence[np.ndarray], num_views: int, resolution: int, factor: int, seed: int,
+    flip_p: float = CD_FLIP_P,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`num_views` views by `zoom_view`, cycling through `images` in order: float32
+    [N, R, R, 3] in [-1, 1] and their object masks bool [N, R/f, R/f, 1]. The same seed gives
+    bitwise the same arrays."""
+    if not images:
+        raise InputError("No concept images to augment.")
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
+    rng = np.random.default_rng(seed)
+    pils = [Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB") for image in images]
+    views, masks = zip(*(zoom_view(pils[i % len(pils)], resolution, factor, rng, flip_p)
+                         for i in range(num_views)), strict=True)
+    return np.stack(views), np.stack(masks)
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 

@@ -14,6 +14,15 @@
 - `save_svdiff`: SVDiff's spectral shifts as `spectral_shifts.safetensors`, one float32 vector
   per U-Net weight matrix named `<diffusers module>.delta` (svdiff-pytorch's parameter names);
   the U-Net they make goes out as a `unet/` folder beside it (`export_concept`).
+- `save_custom_diffusion`: Custom Diffusion's cross-attention keys and values as
+  `pytorch_custom_diffusion_weights.safetensors` and, when torch is installed,
+  `pytorch_custom_diffusion_weights.bin`, diffusers' names
+  (`<attn2>.processor.to_k_custom_diffusion.weight`). diffusers 0.42's loader sets the processors
+  only for the `.bin`, which alone can hold the empty entries of the self-attention layers, and
+  only when given the pipeline:
+  `pipe.unet.load_attn_procs(folder, weight_name="pytorch_custom_diffusion_weights.bin",
+  _pipeline=pipe)`; the learned token is `learned_embeds.safetensors`
+  (`pipe.load_textual_inversion(folder)`).
 
 Every export is whole or absent: it is written under a temporary name in the destination's
 folder and renamed into place, so a crash or error never leaves a partial file behind.
@@ -32,6 +41,7 @@ import safetensors.numpy
 from core_jax import weights
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes, temp_sibling
+from core_jax.methods import custom_diffusion as custom_diffusion_method
 from core_jax.methods import svdiff as svdiff_method
 from core_jax.methods.lora import LoraAdapters, kohya_state_dict, peft_state_dict
 from core_jax.models.unet import UNet2DConditionModel
@@ -41,6 +51,9 @@ SDXL_KEYS = ("clip_l", "clip_g")  # encoder 1's (ViT-L) part, encoder 2's (bigG)
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"  # the file name diffusers looks for
 LORA_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 SVDIFF_NAME = "spectral_shifts.safetensors"  # svdiff-pytorch's file name for the shifts
+# The names diffusers' save_attn_procs writes and its docs load.
+CUSTOM_DIFFUSION_NAME = "pytorch_custom_diffusion_weights.safetensors"
+CUSTOM_DIFFUSION_BIN_NAME = "pytorch_custom_diffusion_weights.bin"
 A1111_KEY = "emb_params"
 
 
@@ -221,6 +234,42 @@ def save_svdiff(path: str | os.PathLike, deltas: Any) -> Path:
     return out
 
 
+def save_custom_diffusion(folder: str | os.PathLike, kv: Any) -> dict[str, Path]:
+    """Write one run's cross-attention K/V (no concept axis; `core_jax.methods.custom_diffusion`)
+    into `folder` for diffusers' `load_attn_procs`: the safetensors file, and the `.bin` (torch's
+    pickle, with an empty entry for every self-attention layer, the form diffusers' loader
+    accepts) when torch can be imported. Returns the files written, by kind."""
+    state = custom_diffusion_method.state_dict(kv)
+    if not all(np.all(np.isfinite(v)) for v in state.values()):
+        raise ValueError("Custom Diffusion weights contain NaN or infinity; refusing to export "
+                         "them")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"custom_diffusion": folder / CUSTOM_DIFFUSION_NAME}
+    atomic_write_bytes(written["custom_diffusion"],
+                       lambda: safetensors.numpy.save(state, {"format": "pt"}))
+    try:
+        import torch
+    except ImportError:
+        return written
+
+    def pickled() -> bytes:
+        import io
+
+        # Every attention layer needs an entry: the cross-attention ones carry the weights, the
+        # self-attention ones (attn1 beside each attn2) an empty dict, as save_attn_procs writes.
+        full: dict[str, Any] = {k: torch.from_numpy(v) for k, v in state.items()}
+        for name in {k.rsplit(".processor.", 1)[0] for k in state}:
+            full[name.removesuffix(".attn2") + ".attn1.processor"] = {}
+        buffer = io.BytesIO()
+        torch.save(full, buffer)
+        return buffer.getvalue()
+
+    written["custom_diffusion_bin"] = folder / CUSTOM_DIFFUSION_BIN_NAME
+    atomic_write_bytes(written["custom_diffusion_bin"], pickled)
+    return written
+
+
 def file_stem(name: str) -> str:
     """A concept name as a file name: A1111 and ComfyUI take the prompt word from it."""
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")
@@ -236,6 +285,7 @@ def export_concept(
     unet: tuple[UNet2DConditionModel, weights.Params] | None = None,
     lora: LoraAdapters | None = None,
     svdiff: Any | None = None,
+    custom_diffusion: Any | None = None,
     step: int | None = None,
     sdxl_width_1: int | None = None,
 ) -> dict[str, Path]:
@@ -244,7 +294,8 @@ def export_concept(
     for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
     params), `pytorch_lora_weights.safetensors` (diffusers) and `a1111/lora/<name>.safetensors`
     (kohya: A1111, ComfyUI) for U-Net adapters, `spectral_shifts.safetensors` for SVDiff's
-    shifts (whose merged U-Net is `unet`). SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
+    shifts (whose merged U-Net is `unet`), `pytorch_custom_diffusion_weights.safetensors` (and
+    `.bin`) for Custom Diffusion's K/V. SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
     A1111 file is the SDXL embedding (`clip_l`, `clip_g`; diffusers loads it tensor by tensor),
     and learned_embeds.safetensors keeps them whole for `core-jax sample`. Returns what was
     written, by kind."""
@@ -270,4 +321,6 @@ def export_concept(
         )
     if svdiff is not None:
         written["svdiff"] = save_svdiff(folder / SVDIFF_NAME, svdiff)
+    if custom_diffusion is not None:
+        written.update(save_custom_diffusion(folder, custom_diffusion))
     return written

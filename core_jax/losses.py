@@ -71,8 +71,9 @@ def diffusion_loss(
     snr: ArrayLike | None = None,
     min_snr_gamma: float | None = None,
     prediction_type: PredictionType = "epsilon",
+    mask: ArrayLike | None = None,
 ) -> jax.Array:
-    """Denoising MSE, optionally Min-SNR weighted.
+    """Denoising MSE, optionally Min-SNR weighted, optionally only where ``mask`` is set.
 
     Args:
       model_output, target: [B, ...] (target is epsilon, v or x0 to match ``prediction_type``).
@@ -80,15 +81,22 @@ def diffusion_loss(
         with ``min_snr_gamma``.
       min_snr_gamma: gamma of Min-SNR weighting; ``None`` means unweighted.
       prediction_type: "epsilon", "v_prediction" or "sample" (diffusers' names).
+      mask: boolean, broadcastable to ``model_output`` (e.g. [B, h, w, 1]: the object region of
+        each latent, Custom Diffusion's masked loss); ``None``: every element counts.
 
     Returns:
-      Scalar: mean over non-batch axes per example, times its weight, mean over the batch.
-      Prior preservation (DreamBooth) is this same loss on the class rows.
+      Scalar: mean over non-batch axes per example (over its masked elements, 0 for an empty
+      mask), times its weight, mean over the batch. Prior preservation (DreamBooth) is this
+      same loss on the class rows.
     """
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     err = jnp.square(_float(model_output) - _float(target))
-    per_example = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    axes = tuple(range(1, err.ndim))
+    if mask is None:
+        per_example = jnp.mean(err, axis=axes)
+    else:
+        per_example = _masked_mean(err, jnp.asarray(mask, bool), axes)
     if min_snr_gamma is None:
         return jnp.mean(per_example)
     if snr is None:

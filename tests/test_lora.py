@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import packing  # noqa: E402
-from torch_helpers import jitter, nchw, nhwc  # noqa: E402
+from torch_helpers import jitter, nchw, nhwc, tiny_pipeline  # noqa: E402
 
 from core_jax import weights  # noqa: E402
 from core_jax.errors import InputError  # noqa: E402
@@ -42,7 +42,6 @@ from core_jax.methods.lora import (  # noqa: E402
     target_paths,
 )
 from core_jax.models.presets import get_preset  # noqa: E402
-from core_jax.text import clip_tokenizer_dir  # noqa: E402
 
 REL_TOL = 5e-5
 SD1_UNET = dict(
@@ -153,29 +152,12 @@ def test_adapted_unet_matches_peft_adapters_of_the_same_values(tmp_path):
 
 # --- (b) Our file through diffusers' load_lora_weights ---------------------------------------
 
-def _tiny_pipeline(seed: int) -> diffusers.StableDiffusionPipeline:
-    preset = get_preset("tiny")
-    torch.manual_seed(seed)
-    text_config = transformers.CLIPTextConfig.from_dict(preset.text.to_diffusers())
-    unet = diffusers.UNet2DConditionModel.from_config(preset.unet.to_diffusers())
-    return diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL.from_config(preset.vae.to_diffusers()),
-        text_encoder=transformers.CLIPTextModel(text_config).eval(),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir()),
-        unet=jitter(unet, seed),
-        scheduler=diffusers.DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def test_exported_lora_loads_in_diffusers_and_adapts_like_ours(tmp_path):
     """Both files `export_concept` writes: peft names (`pytorch_lora_weights.safetensors`,
     found by `load_lora_weights(folder)`) and kohya names (A1111/ComfyUI, which diffusers'
     loader converts), into a tiny StableDiffusionPipeline. r = 4, alpha = 2: a scale of 0.5
     that the peft file folds into B and the kohya file keeps as alpha."""
-    pipe = _tiny_pipeline(seed=2)
+    pipe = tiny_pipeline(seed=2)
     pipe.unet.save_pretrained(tmp_path / "base" / "unet")
     module, params = weights.load_unet(tmp_path / "base")
     adapters = _trained_adapters(params, 4, 2.0, ATTENTION, seed=2)

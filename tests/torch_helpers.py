@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import diffusers
 
 
 def jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -13,6 +18,31 @@ def jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+def tiny_pipeline(seed: int) -> diffusers.StableDiffusionPipeline:
+    """A StableDiffusionPipeline of the tiny preset's shapes, random weights, the U-Net jittered
+    (`jitter`) so every one of its weights matters."""
+    import diffusers
+    import transformers
+
+    from core_jax.models.presets import get_preset
+    from core_jax.text import clip_tokenizer_dir
+
+    preset = get_preset("tiny")
+    torch.manual_seed(seed)
+    text_config = transformers.CLIPTextConfig.from_dict(preset.text.to_diffusers())
+    unet = diffusers.UNet2DConditionModel.from_config(preset.unet.to_diffusers())
+    return diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_config(preset.vae.to_diffusers()),
+        text_encoder=transformers.CLIPTextModel(text_config).eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir()),
+        unet=jitter(unet, seed),
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:

@@ -7,26 +7,28 @@ from core_jax.methods.base import Settings, Term
 
 # Read from the stage of every method that uses the term.
 DEFAULTS = {"min_snr_gamma": 0.0}  # 0 = uniform weighting over timesteps (the papers')
+# A stage whose methods define this key true (Custom Diffusion) computes the loss only on each
+# view's object region (`ConceptData.latent_mask`); every method's diffusion term of that stage
+# is then the masked one, whatever order the stage lists them in.
+MASKED_LOSS = "masked_loss"
 
 
 def diffusion_term(settings: Settings) -> Term:
     """MSE between the U-Net's prediction for "a photo of a S*" and the target (epsilon or v),
-    with min-SNR-gamma weighting when the stage sets it."""
+    with min-SNR-gamma weighting when the stage sets it, on the views' object regions when the
+    stage masks the loss."""
     gamma = settings.stage["min_snr_gamma"] or None
     prediction_type = settings.prediction_type
-    if gamma is None:
-        return Term(
-            "diffusion", ("caption_pred", "target"),
-            lambda pred, target, numbers: losses.diffusion_loss(
-                pred, target, None, None, prediction_type
-            ),
-        )
-    return Term(
-        "diffusion", ("caption_pred", "target", "snr"),
-        lambda pred, target, snr, numbers: losses.diffusion_loss(
-            pred, target, snr, gamma, prediction_type
-        ),
-    )
+    inputs = ("caption_pred", "target") + (("snr",) if gamma is not None else ())
+    masked = bool(settings.stage.get(MASKED_LOSS, False))
+    inputs += ("loss_mask",) if masked else ()
+
+    def fn(pred, target, *rest):
+        snr = rest[0] if gamma is not None else None
+        mask = rest[-2] if masked else None  # rest ends with the numbers
+        return losses.diffusion_loss(pred, target, snr, gamma, prediction_type, mask)
+
+    return Term("diffusion", inputs, fn)
 
 
 def diffusion_only(settings: Settings) -> tuple[Term, ...]:

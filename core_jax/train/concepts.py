@@ -48,7 +48,7 @@ def build_concept_data(
     text_params: dict[str, Any],
     placeholder_text: str,
     specs: Sequence[ConceptSpec],
-    latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
+    latent_pools: Sequence[tuple[np.ndarray, ...]],
     *,
     text_encoder_2: nn.Module | None = None,
     text_2_params: dict[str, Any] | None = None,
@@ -59,15 +59,19 @@ def build_concept_data(
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
-    `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled.
-    The y_cat encodings are computed here, once, with the frozen encoder. SDXL (a second
-    encoder, whose tokenizer pads with `pad_id_2`): y_cat's context is both encoders' as the
-    U-Net reads it, its pooled embeddings are kept, and the super-category's input embedding
-    is both tables' side by side [D1 + D2], as the learned vectors are. For prior
-    preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated class
-    images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded here
-    once; `captions[c]`: each concept's own caption, when the caption names the class.
+    `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled,
+    and for views with object masks (`core_jax.train.setup.masked_latent_pool`) their masks
+    [P, h, w, 1] third. The y_cat encodings are computed here, once, with the frozen encoder.
+    SDXL (a second encoder, whose tokenizer pads with `pad_id_2`): y_cat's context is both
+    encoders' as the U-Net reads it, its pooled embeddings are kept, and the super-category's
+    input embedding is both tables' side by side [D1 + D2], as the learned vectors are. For
+    prior preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated
+    class images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded
+    here once; `captions[c]`: each concept's own caption, when the caption names the class.
     """
+    with_masks = {len(pool) == 3 for pool in latent_pools}
+    if len(with_masks) > 1:
+        raise ValueError("latent pools of one pack must all have view masks or none")
     prompts = [
         regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
         for s in specs
@@ -118,8 +122,10 @@ def build_concept_data(
             input_embedding(s.init_word or s.super_category) for s in specs
         ]))
     return ConceptData(
-        latent_mean=jnp.asarray(np.stack([m for m, _ in latent_pools]), jnp.float32),
-        latent_std=jnp.asarray(np.stack([s for _, s in latent_pools]), jnp.float32),
+        latent_mean=jnp.asarray(np.stack([pool[0] for pool in latent_pools]), jnp.float32),
+        latent_std=jnp.asarray(np.stack([pool[1] for pool in latent_pools]), jnp.float32),
+        latent_mask=(jnp.asarray(np.stack([pool[2] for pool in latent_pools]), bool)
+                     if with_masks == {True} else None),
         obj_ids=jnp.asarray(stack("obj_ids")),
         obj_index=jnp.asarray(stack("obj_index")),
         cat_index=jnp.asarray(stack("cat_index")),

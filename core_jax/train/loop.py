@@ -184,9 +184,12 @@ class Group:
         slots its devices hold; the rest are placeholders it never sends."""
         m, me, first = self.env.models, jax.process_index(), slots[0].config
         empty = np.zeros((first.data.num_views, *latent_size(first, m)), np.float32)
+        placeholder = (empty, empty)
+        if run_setup.augmentation_of(first) == "custom_diffusion":
+            placeholder += (np.zeros(empty.shape[:-1] + (1,), bool),)
         pools = [
-            run_setup.latent_pool(r.config, m, run_setup.concept_images(r.config))
-            if me in hosts[c][0] else (empty, empty)
+            run_setup.view_pool(r.config, m, run_setup.concept_images(r.config))
+            if me in hosts[c][0] else placeholder
             for c, r in enumerate(slots)
         ]
         specs = [
@@ -420,8 +423,8 @@ def _export_runs(
     step: int, base_unet: Any, sdxl_width_1: int | None = None,
 ) -> None:
     """Hand what each run this host owns trained (its vectors, its U-Net if a stage trained
-    one, its spectral shifts with the U-Net they make) to other tools; SDXL vectors split at
-    `sdxl_width_1` for the SDXL embedding file."""
+    one, its spectral shifts with the U-Net they make, its Custom Diffusion K/V) to other
+    tools; SDXL vectors split at `sdxl_width_1` for the SDXL embedding file."""
     for c, run in owned:
         if c in failed:
             continue
@@ -436,6 +439,7 @@ def _export_runs(
             unet=unet_folder,
             lora=params.get("lora"),
             svdiff=params.get("svdiff"),
+            custom_diffusion=params.get("custom_diffusion"),
             step=step,
             sdxl_width_1=sdxl_width_1,
         )

@@ -150,7 +150,8 @@ def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
 
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any
-    (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts)."""
+    (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts),
+    Custom Diffusion's K/V."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,8 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
     written = export.export_concept(
         out, name=config.concept.name, placeholder=config.concept.placeholder,
-        vectors=params["embeds"], unet=unet, svdiff=params.get("svdiff"), step=step,
+        vectors=params["embeds"], unet=unet, svdiff=params.get("svdiff"),
+        custom_diffusion=params.get("custom_diffusion"), step=step,
         sdxl_width_1=run_setup.sdxl_width_1(config),
     )
     return list(written.values())

@@ -20,6 +20,7 @@ batch rows [b_l].
 | prior_pred | [C, b, h, w, c] | the U-Net's prediction for noised class latents, class prompt |
 | prior_target | [C, b, h, w, c] | the denoising target of those rows |
 | obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
+| loss_mask | [C, b, h, w, 1] | each row's object region (views with masks only) |
 | data_shards | [C] | how many devices split the rows (for batch sums) |
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
@@ -97,6 +98,7 @@ class Batch:
     prior_x0: jax.Array | None = None
     prior_noise: jax.Array | None = None
     prior_timesteps: jax.Array | None = None
+    mask: jax.Array | None = None  # [B, h, w, 1] bool: the row's view's object region, if any
 
 
 # Folded into a concept's row key for its class rows: they draw nothing its photo rows draw.
@@ -142,8 +144,9 @@ def draw_batch(
         template_keys, data.num_templates
     )
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    mask = None if data.latent_mask is None else flat(take_rows(data.latent_mask))
     if data.class_mean is None:
-        return Batch(flat(x0), flat(noise), flat(timesteps), template)
+        return Batch(flat(x0), flat(noise), flat(timesteps), template, mask=mask)
     class_size = data.class_mean.shape[1]
     view, latent_eps, prior_t, prior_noise = jax.vmap(
         lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
@@ -152,7 +155,7 @@ def draw_batch(
     prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
                 + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
     return Batch(flat(x0), flat(noise), flat(timesteps), template, flat(prior_x0),
-                 flat(prior_noise), flat(prior_t))
+                 flat(prior_noise), flat(prior_t), mask)
 
 
 # What each computation needs computed first (beyond the batch and the constants).
@@ -440,6 +443,13 @@ def _cat_concept(p: Passes) -> jax.Array:
     return _span_mean(p.pick(p.data.cat_hidden), span)
 
 
+def _loss_mask(p: Passes) -> jax.Array:
+    if p.batch.mask is None:
+        raise ValueError("a term reads loss_mask but the concept data has no view masks; make "
+                         "the latent pool with data.augmentation = 'custom_diffusion'")
+    return p.per_concept(p.batch.mask)
+
+
 def _set(name: str, fn: Callable[[Passes], jax.Array]) -> Callable[[Passes], None]:
     def compute(p: Passes) -> None:
         p._values[name] = fn(p)
@@ -472,6 +482,7 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "prior_target": _set("prior_target", lambda p: p.per_concept(training_target(
         p.schedule, p.prior_batch.prior_x0, p.batch.prior_noise, p.batch.prior_timesteps))),
     "cat_stats": _cat_stats,
+    "loss_mask": _set("loss_mask", _loss_mask),
     "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
                                                           jnp.float32)),
 }

@@ -24,6 +24,7 @@ from core_jax import weights
 from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
 from core_jax.diffusion.samplers import SAMPLERS
 from core_jax.errors import InputError
+from core_jax.methods.diffusion_term import MASKED_LOSS
 from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import PRESETS, random_models
@@ -49,6 +50,7 @@ from core_jax.train.stages import check_stage, stage_names
 from core_jax.train.state import ConceptData
 
 DTYPES = ("float32", "bfloat16", "float16")
+AUGMENTATIONS = ("core", "custom_diffusion")  # data.augmentation: the view pool's making
 # Integer settings and their smallest sensible value; below it a run divides by zero, draws
 # from an empty pool or never samples.
 MINIMUMS = {
@@ -182,6 +184,11 @@ def _value(config: ml_collections.ConfigDict, key: str) -> Any:
     return config
 
 
+def augmentation_of(config: ml_collections.ConfigDict) -> str:
+    """`data.augmentation`; "core" for configs saved before the key existed."""
+    return config.data.get("augmentation", "core")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuse values that would otherwise fail deep inside setup, a compiled step, or the sampler
     at the end of a stage (after the training time is spent): one line naming the key."""
@@ -208,6 +215,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise InputError(
                 f"{key} is {_value(config, key)!r}; choose one of {', '.join(allowed)}"
             )
+    augmentation = augmentation_of(config)
+    if augmentation not in AUGMENTATIONS:
+        raise InputError(f"data.augmentation is {augmentation!r}; choose one of "
+                         f"{', '.join(AUGMENTATIONS)}")
+    for stage in stages:
+        if config[stage].get(MASKED_LOSS) and augmentation != "custom_diffusion":
+            raise InputError(f"{stage}.masked_loss needs views with object masks: set "
+                             "data.augmentation = 'custom_diffusion' (or masked_loss = False)")
     if not config.concept.super_category.strip():
         raise InputError(
             "concept.super_category is empty: set it to the word for what the concept is, "
@@ -379,3 +394,25 @@ def latent_pool(
     )
     return encode_latent_pool(models.vae, models.params["vae"], views)
 
+
+def masked_latent_pool(
+    config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Custom Diffusion's zoom augmentation (`core_jax.data.zoom_views`) applied
+    `data.num_views` times, then encoded: (mean, std, object masks [P, h, w, 1])."""
+    check_resolution(config, models)
+    views, masks = image_data.zoom_views(
+        images, config.data.num_views, config.data.resolution, vae_factor(models.vae),
+        config.seed, flip_p=config.data.flip_p,
+    )
+    return (*encode_latent_pool(models.vae, models.params["vae"], views), masks)
+
+
+def view_pool(
+    config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
+) -> tuple[np.ndarray, ...]:
+    """The run's latent pool as `data.augmentation` makes it: (mean, std) for CoRe's, with the
+    object masks third for Custom Diffusion's."""
+    if augmentation_of(config) == "custom_diffusion":
+        return masked_latent_pool(config, models, images)
+    return latent_pool(config, models, images)

@@ -55,6 +55,9 @@ class ConceptData:
     # Where S* starts when the concept names a word for it (`concept.init_word`, DreamBooth's
     # rare token); None: at super_embed.
     init_embed: jax.Array | None = None  # [C, D]
+    # [C, P, h, w, 1] bool: each view's object region (Custom Diffusion's zoom augmentation,
+    # `core_jax.data.zoom_views`); None: no masks (every other augmentation)
+    latent_mask: jax.Array | None = None
 
 
 def stage_keys(seeds: list[int], stage: int) -> jax.Array:
