@@ -46,7 +46,8 @@ def test_core_sdxl_config_trains_samples_and_exports(tmp_path):
            "--config.stage2.steps=2", "--config.stage2.batch_size=2",
            "--config.concept.images=builtin:chelsea", "--config.concept.super_category=cat",
            "--config.sample.steps=2", "--config.sample.images_per_prompt=1",
-           "--config.sample.prompts=('a {} in the snow',)", "--config.log_every=1"]
+           "--config.sample.prompts=('a {} in the snow',)", "--config.sample.at_end=False",
+           "--config.log_every=1"]
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,7 +60,6 @@ def test_core_sdxl_config_trains_samples_and_exports(tmp_path):
     np.testing.assert_array_equal(sdxl_file["clip_l"], vectors[:, :32])
     np.testing.assert_array_equal(sdxl_file["clip_g"], vectors[:, 32:])
     assert (workdir / "unet" / "config.json").is_file()
-    assert any((workdir / "samples").glob("*.png"))
 
     sample = subprocess.run(
         [sys.executable, "-m", "core_jax", "sample", "--workdir", str(workdir), "--prompt",
