@@ -23,7 +23,7 @@ from core_jax.sample import generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
-from core_jax.train.passes import merged_unet
+from core_jax.train.passes import merged_unet, unet_groups
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -99,6 +99,11 @@ def sample_run(
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
         _, unet_params = weights.load_unet(workdir / "unet")
+    elif use_stage2_unet and (workdir / "checkpoints").is_dir():
+        # Adapters (LoRA, Custom Diffusion's K/V) live in the checkpoint, not in a unet/ folder.
+        params = checkpoint_params(latest_checkpoint(workdir)[1])
+        if unet_groups(params):
+            unet_params = jax.device_get(merged_unet(params, unet_params))
     tokenizer = copy.deepcopy(models.tokenizer)  # the models' stays plain (TTO adds its own)
     placeholder_ids = add_placeholder_tokens(
         tokenizer, config.concept.placeholder, config.concept.num_vectors
