@@ -129,9 +129,15 @@ def _sample(
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         return unet.apply({"params": params["unet"]}, x, t, both)
 
-    k_init, k_eta = jax.random.split(key)
     shape = (cond.shape[0], *latent_hw, unet.config.in_channels)
-    x_T = jax.random.normal(k_init, shape, jnp.float32)
+    if key.ndim:  # one key per image (images_per_prompt 1, eta 0): noise as `generate` draws
+        # it for that image alone, so an image does not depend on the batch it was drawn in.
+        x_T = jax.vmap(lambda k: jax.random.normal(
+            jax.random.split(k)[0], (1, *shape[1:]), jnp.float32)[0])(key)
+        k_eta = key[0]
+    else:
+        k_init, k_eta = jax.random.split(key)
+        x_T = jax.random.normal(k_init, shape, jnp.float32)
     latents = sample(
         guided(model_fn, guidance_scale), x_T, schedule, num_inference_steps, sampler, eta, k_eta
     )
@@ -299,6 +305,36 @@ def generate_latents(
         sampler=sampler, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
         eta=eta, decode=False,
     )
+
+
+def generate_seeded(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    learned: np.ndarray | None = None,
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """One image ``[N, H, W, 3]`` uint8 per prompt, image i drawn from ``seeds[i]`` alone: it is
+    ``generate(pipeline, [prompts[i]], learned, seed=seeds[i])`` whatever else is in the batch
+    (deterministic samplers only, eta 0). Seeds are in [0, 2**31)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    latent_hw = _latent_hw(pipeline, height, width)
+    ids, mask, slot, learned = _prompt_arrays(pipeline, [""] + list(prompts), learned)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.int64), jnp.uint32))
+    out = pipeline._sample_fn(
+        pipeline.params, pipeline.schedule, ids, mask, slot, learned, keys,
+        jnp.float32(guidance_scale), num_inference_steps=steps, sampler=sampler, eta=0.0,
+        images_per_prompt=1, latent_hw=latent_hw, decode=True,
+    )
+    return np.asarray(out)
 
 
 def random_pipeline(preset: str = "tiny", seed: int = 0, num_vectors: int = 1) -> Pipeline:
