@@ -190,8 +190,8 @@ def test_preflight_reports_each_problem_in_one_line_before_any_compile(
     shutil.copytree(fake_root, root)
     (root / "teapot" / "00.jpg").unlink()
     (root / "teapot" / "01.jpg").unlink()
-    text = (root / dreambench_run.PROTOCOL_FILE).read_text()
-    (root / dreambench_run.PROTOCOL_FILE).write_text(text.replace("dog,dog\n", "dog,<|endoftext|>\n", 1))
+    protocol = root / dreambench_run.PROTOCOL_FILE
+    protocol.write_text(protocol.read_text().replace("dog,dog\n", "dog,<|endoftext|>\n", 1))
     config = tiny_config(root, dino_folder, dino_folder)  # CLIP given a DINO folder
     config.dreambench.subjects = "dog,teapot,unicorn"
     config.dreambench.reference = "dreambooth"

@@ -29,6 +29,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -43,6 +44,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from core_jax import export, weights
+from core_jax.config import base_config
 from core_jax.data import save_image_grid
 from core_jax.diffusion import SAMPLERS
 from core_jax.errors import InputError
@@ -120,8 +122,10 @@ def _sensible_word(tokenizer: Any, word: str) -> str | None:
     return None
 
 
-def _training_config(config: ml_collections.ConfigDict, subjects: list[Subject],
-                     ) -> ml_collections.ConfigDict:
+def training_config(config: ml_collections.ConfigDict, subjects: list[Subject],
+                    ) -> ml_collections.ConfigDict:
+    """The sweep a dreambench config trains: its subjects as concepts, its methods as the
+    sweep's named settings."""
     fields = config.to_dict()
     del fields["dreambench"]
     training = ml_collections.ConfigDict(fields)
@@ -236,7 +240,7 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
         # One line each: the CLI prefixes the first with "core-jax: ", so the others get it too.
         raise InputError("\ncore-jax: ".join(problems))
 
-    training = _training_config(config, subjects)
+    training = training_config(config, subjects)
     flat = expand_runs(training, workdir)
     runs = {(s.name, m): flat[i * len(methods) + j]
             for i, s in enumerate(subjects) for j, m in enumerate(methods)}
@@ -710,3 +714,41 @@ def dreambench_config(methods: Sequence[dict[str, Any]], reference: str
     d.grid_size = 128  # pixels per tile in grids/<method>.png
     return d
 
+
+# CoRe is base_config's two stages unchanged; TI is its stage 1 without CoRe's terms (no L_emb,
+# no L_attn, no norm hold) and without stage 2.
+PAPER_METHODS = (
+    dict(name="ti", overrides={"stage1.methods": ("textual_inversion",),
+                               "stage1.lambda_emb": 0.0, "stage1.lambda_attn": 0.0,
+                               "stage2.steps": 0}),
+    dict(name="core", overrides={}),
+)
+
+
+def paper_config(preset: str, model_env: str, protocol: str) -> ml_collections.ConfigDict:
+    """configs/dreambench_sd21.py and _sd15.py: DreamBench's 25 prompts x 4 images per subject
+    for PAPER_METHODS at the paper's settings, 512 px. Folders from the environment (empty
+    otherwise, for the command's preflight to name): `model_env` (the diffusers model),
+    CORE_JAX_DREAMBENCH_ROOT, CORE_JAX_CLIP_PATH, CORE_JAX_DINO_PATH. `protocol`: "dreambench"
+    scores CLIP-I / DINO on every prompt, "core" leaves out the outfit prompts as CoRe's paper."""
+    if protocol not in ("dreambench", "core"):
+        raise ValueError(f"protocol is {protocol!r}; choose dreambench or core")
+    c = base_config()
+    c.model.preset = preset  # only used without model.path (random weights)
+    c.model.path = os.environ.get(model_env, "")
+    c.data.resolution = 512
+    c.sample.at_end = False  # dreambench draws its own images: no grids per run
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.concepts = ()  # dreambench fills them from its subjects
+    # Runs per step: N on N devices (one run per device; stage 2 holds a U-Net copy and its
+    # AdamW moments per run, about 14 GB in fp32).
+    c.sweep.pack = 1
+    c.sweep.concept_shards = 0  # fitted to the machine
+    c.dreambench = dreambench_config(PAPER_METHODS, reference="ti")
+    c.dreambench.root = os.environ.get("CORE_JAX_DREAMBENCH_ROOT", "")
+    c.dreambench.clip = os.environ.get("CORE_JAX_CLIP_PATH", "")
+    c.dreambench.dino = os.environ.get("CORE_JAX_DINO_PATH", "")
+    c.dreambench.batch_size = 10  # a subject's 100 images in 10 calls, none padded
+    if protocol == "core":
+        c.dreambench.identity_excludes = dreambench.OUTFIT_PROMPTS
+    return c
