@@ -19,9 +19,10 @@ Command:
         --config.dreambench.dino=/models/dino-vits16 --config.model.dtype=bfloat16
     # CoRe's variant of CLIP-I / DINO (outfit prompts left out): configs/dreambench_sd15.py:core
 
-Time: an estimate, as for dreambench_sd21.py (SD 1.5's U-Net is the same size and its 64x64
-latents the same; the arithmetic is in docs/evaluation.md): about 6 minutes per subject for both
-methods on one H100 in bf16, about 3 hours for 30 subjects; not practical on a 2-core CPU.
+Time: about 1.5 minutes per subject for both methods on one H100 in bf16, as for
+dreambench_sd21.py (an estimate from XLA's FLOP counts, not measured: SD 1.5's U-Net does the
+same work per 64x64 latent; docs/evaluation.md has the arithmetic); not practical on a 2-core
+CPU.
 What it should reach: results.md with "core" and "ti" rows over 30 subjects, CoRe - TI
 differences with intervals. For scale, DreamBooth's paper reports Textual Inversion on SD at
 CLIP-T 0.255 / CLIP-I 0.780 / DINO 0.569 on DreamBench (its CLIP backbone not stated, DINO

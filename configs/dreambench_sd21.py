@@ -22,15 +22,16 @@ Command:
         --config.dreambench.root=/data/dreambooth/dataset \\
         --config.dreambench.clip=/models/clip-vit-large-patch14 \\
         --config.dreambench.dino=/models/dino-vits16 --config.model.dtype=bfloat16
-    # the CoRe paper's variant of CLIP-I / DINO (its outfit / accessory prompts left out):
+    # the CoRe paper's variant of CLIP-I / DINO (its outfit / accessory prompts left out);
+    # in the same workdir it reuses the runs, images and scores and writes a new table:
     core-jax dreambench --config configs/dreambench_sd21.py:core --workdir runs/dreambench_sd21
     # on N devices of one host or a pod, one run per device: --config.sweep.pack=N
 
-Time: an estimate, not measured (no accelerator has run it; docs/evaluation.md shows the
-arithmetic from XLA's FLOP counts): about 6 minutes per subject for both methods on one H100 in
-bf16 at 40 % of its peak (CoRe's stage 2 half of it), so about 3 hours for the 30 subjects; on a
-2-core CPU it is not practical (tests/test_dreambench_run.py runs the same command on micro
-models in minutes).
+Time: about 1.5 minutes per subject for both methods on one H100 in bf16 (an estimate, not
+measured: 36 PFLOP per subject by XLA's counts at 40 % of the card's peak; A100: about 5 min;
+docs/evaluation.md shows the arithmetic), so under an hour of compute for 30 subjects plus
+compiles and checkpoint writes. On a 2-core CPU it is not practical
+(tests/test_dreambench_run.py runs the same command on micro models in minutes).
 What it should reach: results.md with "core" and "ti" rows over 30 subjects and CoRe - TI
 differences with intervals. The CoRe paper reports CoRe at CLIP-T 0.2568 / CLIP-I 0.7054 / DINO
 0.5842, but on its own protocol (24 concepts, 20 prompts, 32 images each, CLIP-I and DINO on
