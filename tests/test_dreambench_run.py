@@ -23,6 +23,7 @@ from test_scores import clip_folder, dino_folder  # noqa: F401  (fixtures)
 from core_jax.config import base_config
 from core_jax.eval import dreambench_run
 from core_jax.eval.dreambench import read_protocol
+from core_jax.eval.score_folder import score_folder
 from core_jax.eval.stats import holm, paired_p
 from core_jax.sample import generate, generate_seeded, random_pipeline
 
@@ -124,7 +125,7 @@ def finished(fake_root, clip_folder, dino_folder, tmp_path_factory):  # noqa: F8
 
 
 @pytest.mark.slow
-def test_end_to_end_writes_every_output_and_a_rerun_redoes_nothing(finished):
+def test_end_to_end_writes_every_output_and_a_rerun_redoes_nothing(finished, tmp_path):
     config, workdir, first = finished
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["methods"]) == {"ti", "core"}
@@ -150,6 +151,21 @@ def test_end_to_end_writes_every_output_and_a_rerun_redoes_nothing(finished):
     assert "| core | 2 |" in table and "p (Holm)" in table
     # The same noise for every method: the images differ only by what each run learned.
     assert len(list((workdir / "samples" / "dog__ti").glob("*.png"))) == 4
+
+    # `core-jax score` on a run's samples (with the prompts.jsonl written beside them) gives
+    # the same per-image scores: the path another tool's images take (docs/evaluation.md).
+    folder = workdir / "samples" / "dog__core"
+    score_folder(folder, folder / "prompts.jsonl", Path(results["protocol"]["root"]) / "dog",
+                 results["used"]["clip"]["path"], results["used"]["dino"]["path"],
+                 out=tmp_path, echo=lambda _: None)
+    theirs = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(theirs) == 4
+    for row in theirs:
+        prompt, image = int(row["image"][1:3]), int(row["image"][4:6])
+        ours = scored[dreambench_run.row_key("core", "dog", prompt, image)]
+        assert row["prompt"] == ours["prompt"]
+        for score in ("clip_t", "clip_i", "dino"):
+            assert row[score] == pytest.approx(ours[score], abs=1e-6), (row, score)
 
     before = (workdir / "scores.jsonl").read_bytes()
     again = subprocess.run(command(config, workdir), capture_output=True, text=True, env=EIGHT,

@@ -8,7 +8,8 @@ Stages, each resumable (a rerun redoes nothing that is finished):
 2. Sampling: per run, `images_per_prompt` images of every prompt of its subject's list (live
    subjects: the live prompts). Image j of prompt p of subject s starts from a seed fixed by
    (dreambench.seed, s, p, j), so every method of a subject is drawn from the same noise. PNGs
-   in `WORKDIR/samples/<run>/`, written in fixed chunks so a resumed run draws the same images.
+   in `WORKDIR/samples/<run>/`, written in fixed chunks so a resumed run draws the same images,
+   and a `prompts.jsonl` listing them as `core-jax score --prompts` reads.
 3. Scoring: one row per image in `scores.jsonl`, keyed by (method, subject, prompt, image) and
    by what the image and the scores came from (the run's training, sampling settings, the
    CLIP/DINO folders' digests); rows that match are not redone.
@@ -59,6 +60,7 @@ from core_jax.train.sweep import check_same_training, expand_runs, sweep
 
 PROTOCOL_FILE = "prompts_and_classes.txt"
 SCORES_FILE = "scores.jsonl"
+SAMPLE_PROMPTS_FILE = "prompts.jsonl"  # in samples/<run>/, as `core-jax score --prompts` reads
 METRICS = ("clip_t", "clip_i", "dino")
 NAMES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
 # Files the digest of a model folder covers: what the loaders read, not other formats' copies.
@@ -377,24 +379,37 @@ def _sample_runs(config: ml_collections.ConfigDict, p: Plan, workdir: Path,
         chunks = [items[k : k + b.batch_size] for k in range(0, len(items), b.batch_size)]
         chunks = [c for c in chunks if not all((folder / _image_name(i, j)).is_file()
                                                for i, _, j in c)]
-        if not chunks:
-            continue
-        started = time.perf_counter()
-        sampler = sampler or _Sampler(p.training)
-        pipeline, learned = sampler.for_run(run.folder)
-        for chunk in chunks:
-            padded = chunk + [chunk[-1]] * (b.batch_size - len(chunk))  # one shape, one compile
-            images = generate_seeded(
-                pipeline, [dreambench.fill(t, p.word, subject.class_word) for _, t, _ in padded],
-                [image_seed(b.seed, subject.name, t, j) for _, t, j in padded], learned,
-                steps=b.steps, sampler=b.sampler, guidance_scale=b.guidance_scale,
-                height=config.data.resolution, width=config.data.resolution,
-            )
-            for (i, _, j), image in zip(chunk, images, strict=False):
-                _write_png(folder / _image_name(i, j), image)
-            drawn += len(chunk)
-        log(f"sampled {run.name}: {sum(len(c) for c in chunks)} images "
-            f"({time.perf_counter() - started:.1f} s)")
+        if chunks:
+            started = time.perf_counter()
+            sampler = sampler or _Sampler(p.training)
+            drawn += _draw(config, p, sampler, subject, run, folder, chunks)
+            log(f"sampled {run.name}: {sum(len(c) for c in chunks)} images "
+                f"({time.perf_counter() - started:.1f} s)")
+        # After the images: the listing `core-jax score --prompts` reads, so this folder can be
+        # rescored, or another tool's images scored the same way (docs/evaluation.md).
+        atomic_write_bytes(folder / SAMPLE_PROMPTS_FILE, "".join(
+            json.dumps({"image": _image_name(i, j), "prompt": dreambench.fill(t, "S*",
+                        subject.class_word), "class": subject.class_word}) + "\n"
+            for i, t, j in items).encode())
+    return drawn
+
+
+def _draw(config: ml_collections.ConfigDict, p: Plan, sampler: _Sampler, subject: Subject,
+          run: Run, folder: Path, chunks: list[list[tuple[int, str, int]]]) -> int:
+    b = config.dreambench
+    pipeline, learned = sampler.for_run(run.folder)
+    drawn = 0
+    for chunk in chunks:
+        padded = chunk + [chunk[-1]] * (b.batch_size - len(chunk))  # one shape, one compile
+        images = generate_seeded(
+            pipeline, [dreambench.fill(t, p.word, subject.class_word) for _, t, _ in padded],
+            [image_seed(b.seed, subject.name, t, j) for _, t, j in padded], learned,
+            steps=b.steps, sampler=b.sampler, guidance_scale=b.guidance_scale,
+            height=config.data.resolution, width=config.data.resolution,
+        )
+        for (i, _, j), image in zip(chunk, images, strict=False):
+            _write_png(folder / _image_name(i, j), image)
+        drawn += len(chunk)
     return drawn
 
 
