@@ -1,4 +1,5 @@
-"""`core-jax <command> [flags]`: train, sample, export, sweep, bench, benchmark, methods, score.
+"""`core-jax <command> [flags]`: train, sample, export, sweep, bench, benchmark, methods, score,
+dreambench.
 
 Each command lives in `core_jax.commands.<name>` with its own absl flags and a `main(argv)`;
 only the chosen one is imported, so commands never see each other's flags.
@@ -21,6 +22,7 @@ COMMANDS = {
     "benchmark": "the toy-world method table: train, sample and score CoRe, TI and ablations",
     "methods": "list the registered methods: what each trains, its terms, keys and defaults",
     "score": "CLIP-T, CLIP-I and DINO of any image folder against the subject's photos",
+    "dreambench": "DreamBench: train every subject x method, sample, score, tabulate",
 }
 
 

@@ -180,9 +180,15 @@ def _sample(
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         return unet.apply({"params": params["unet"]}, x, t, both, **added)
 
-    k_init, k_eta = jax.random.split(key)
     shape = (cond.shape[0], *latent_hw, unet.config.in_channels)
-    x_T = jax.random.normal(k_init, shape, jnp.float32)
+    if key.ndim:  # one key per image (images_per_prompt 1, eta 0): noise as `generate` draws
+        # it for that image alone, so an image does not depend on the batch it was drawn in.
+        x_T = jax.vmap(lambda k: jax.random.normal(
+            jax.random.split(k)[0], (1, *shape[1:]), jnp.float32)[0])(key)
+        k_eta = key[0]
+    else:
+        k_init, k_eta = jax.random.split(key)
+        x_T = jax.random.normal(k_init, shape, jnp.float32)
     latents = sample(
         guided(model_fn, guidance_scale), x_T, schedule, num_inference_steps, sampler, eta, k_eta
     )
@@ -267,6 +273,19 @@ def _latent_hw(pipeline: Pipeline, height: int | None, width: int | None) -> tup
     return latent_hw
 
 
+def _second_ids(pipeline: Pipeline, prompts: Sequence[str], mask: np.ndarray) -> np.ndarray | None:
+    """SDXL: the prompts' ids from the second tokenizer, its placeholders where the first's are
+    (`mask`); None for SD 1.x/2.x."""
+    if not pipeline.is_sdxl:
+        return None
+    ids_2 = tokenize(pipeline.tokenizer_2, [_expand_placeholder(pipeline, p) for p in prompts])
+    if pipeline.placeholder_ids and not np.array_equal(
+            placeholder_slots(ids_2, pipeline.placeholder_ids)[0], mask):
+        raise ValueError("tokenizer_2 places the placeholder tokens elsewhere than tokenizer; "
+                         "add the same placeholder tokens to both")
+    return ids_2
+
+
 def _run(
     pipeline: Pipeline,
     prompts: Sequence[str],
@@ -289,13 +308,7 @@ def _run(
     latent_hw = _latent_hw(pipeline, height, width)
     prompts = [""] + list(prompts)
     ids, mask, slot, learned = _prompt_arrays(pipeline, prompts, learned)
-    ids_2 = None
-    if pipeline.is_sdxl:
-        ids_2 = tokenize(pipeline.tokenizer_2, [_expand_placeholder(pipeline, p) for p in prompts])
-        if pipeline.placeholder_ids and not np.array_equal(
-                placeholder_slots(ids_2, pipeline.placeholder_ids)[0], mask):
-            raise ValueError("tokenizer_2 places the placeholder tokens elsewhere than tokenizer; "
-                             "add the same placeholder tokens to both")
+    ids_2 = _second_ids(pipeline, prompts, mask)
     out = pipeline._sample_fn(
         pipeline.params, pipeline.schedule, ids, ids_2, mask, slot, learned, jax.random.key(seed),
         jnp.float32(guidance_scale), num_inference_steps=steps, sampler=sampler,
@@ -382,6 +395,37 @@ def load_sdxl_pipeline(
         placeholder=placeholder, tokenizer_2=tokenizer_2, text_encoder_2=models.text_encoder_2,
         text_2_params=models.params["text_2"],
     )
+
+
+def generate_seeded(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    learned: np.ndarray | None = None,
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """One image ``[N, H, W, 3]`` uint8 per prompt, image i drawn from ``seeds[i]`` alone: it is
+    ``generate(pipeline, [prompts[i]], learned, seed=seeds[i])`` whatever else is in the batch
+    (deterministic samplers only, eta 0). Seeds are in [0, 2**31)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    latent_hw = _latent_hw(pipeline, height, width)
+    ids, mask, slot, learned = _prompt_arrays(pipeline, [""] + list(prompts), learned)
+    ids_2 = _second_ids(pipeline, [""] + list(prompts), mask)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.int64), jnp.uint32))
+    out = pipeline._sample_fn(
+        pipeline.params, pipeline.schedule, ids, ids_2, mask, slot, learned, keys,
+        jnp.float32(guidance_scale), num_inference_steps=steps, sampler=sampler, eta=0.0,
+        images_per_prompt=1, latent_hw=latent_hw, decode=True,
+    )
+    return np.asarray(out)
 
 
 def random_pipeline(preset: str = "tiny", seed: int = 0, num_vectors: int = 1) -> Pipeline:

@@ -60,6 +60,15 @@ def test_config_documents_itself_and_is_valid(path, tmp_path):
         assert runs
         for run in runs:
             run_setup.check_config(run.config)
+    elif kind == "dreambench":
+        from core_jax.eval.dreambench_run import Subject, training_config
+
+        assert config.dreambench.reference in [m["name"] for m in config.dreambench.methods]
+        subject = Subject("dog", "dog", True, (tmp_path / "dog" / "00.jpg",), ())
+        runs = expand_runs(training_config(config, [subject]), tmp_path)
+        assert [r.name for r in runs] == [f"dog__{m['name']}" for m in config.dreambench.methods]
+        for run in runs:
+            run_setup.check_config(run.config)
 
 
 def test_paper_hyper_parameters():
@@ -105,3 +114,29 @@ def test_saved_config_gains_keys_methods_added_later():
     assert migrated["stage1"]["lambda_pairwise"] == 0.5
     assert "pairwise_variant" not in saved["stage1"]  # the caller's dict is not changed
     assert migrated["stage2"]["methods"] == ["no_such_method"]
+
+
+@pytest.mark.parametrize("name", ["dreambench_sd21.py", "dreambench_sd15.py"])
+def test_dreambench_configs_hold_the_protocol_and_the_paper_settings(name, tmp_path):
+    from core_jax.eval.dreambench import read_protocol
+    from core_jax.eval.dreambench_run import Subject, training_config
+    from core_jax.train.sweep import expand_runs
+
+    module = load(ROOT / "configs" / name)
+    c = module.get_config()
+    b = c.dreambench
+    assert (b.images_per_prompt, b.reference, b.identity_excludes) == (4, "ti", ())
+    assert c.data.resolution == 512
+    subject = Subject("dog", "dog", True, (tmp_path / "dog" / "00.jpg",), ())
+    runs = {r.name: r.config for r in expand_runs(training_config(c, [subject]), tmp_path)}
+    ti, core = runs["dog__ti"], runs["dog__core"]
+    paper = load(ROOT / "configs" / "core_sd21.py").get_config()
+    assert core.stage1.to_dict() == paper.stage1.to_dict()
+    assert core.stage2.to_dict() == paper.stage2.to_dict()
+    assert ti.stage1.methods == ("textual_inversion",) and ti.stage2.steps == 0
+    assert (ti.stage1.steps, ti.stage1.batch_size, ti.stage1.learning_rate) == (300, 6, 5e-3)
+    # CoRe's variant leaves out exactly the live list's outfit / accessory prompts.
+    protocol = read_protocol(ROOT / "tests" / "fixtures" / "dreambench_prompts_and_classes.txt")
+    excluded = module.get_config("core").dreambench.identity_excludes
+    assert len(excluded) == 10 and set(excluded) <= set(protocol.live_prompts)
+    assert not set(excluded) & set(protocol.object_prompts)

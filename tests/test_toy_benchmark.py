@@ -24,7 +24,7 @@ from core_jax.toyworld import benchmark
 from core_jax.toyworld import classifier as attribute_classifier
 from core_jax.toyworld import model as toy_model
 from core_jax.toyworld.world import ATTRIBUTES, COLOURS, Identity
-from core_jax.train.sweep import expand_runs
+from core_jax.train.sweep import check_same_training, expand_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = Identity("star", "green", "dotted")
@@ -161,15 +161,15 @@ def test_a_run_trained_with_other_settings_is_refused(tmp_path):
     config = _toy_benchmark_config()
     del config["benchmark"]
     run = expand_runs(config, tmp_path)[0]
-    benchmark._check_same_training(run, tmp_path)  # nothing there yet
+    check_same_training(run, tmp_path)  # nothing there yet
     run.folder.mkdir(parents=True)
     (run.folder / "config.json").write_text(run.config.to_json())
-    benchmark._check_same_training(run, tmp_path)
+    check_same_training(run, tmp_path)
     run.config.stage1.learning_rate = 1e-3
     run.config.concept.caption = "a photo of a {}"
     with pytest.raises(InputError, match=r"other settings \(concept.caption, "
                                          r"stage1.learning_rate\); use another workdir"):
-        benchmark._check_same_training(run, tmp_path)
+        check_same_training(run, tmp_path)
 
 
 # --- The command, end to end ---------------------------------------------------------------------

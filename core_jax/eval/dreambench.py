@@ -19,6 +19,20 @@ from pathlib import Path
 from core_jax.errors import InputError
 
 LIVE_CLASSES = frozenset({"cat", "dog"})
+# The live prompts that change the subject's outfit or accessories: what the CoRe paper leaves
+# out of CLIP-I and DINO ("stylization / outfit change"; its exact list is not published).
+OUTFIT_PROMPTS = (
+    "a {0} {1} wearing a red hat",
+    "a {0} {1} wearing a santa hat",
+    "a {0} {1} wearing a rainbow scarf",
+    "a {0} {1} wearing a black top hat and a monocle",
+    "a {0} {1} in a chef outfit",
+    "a {0} {1} in a firefighter outfit",
+    "a {0} {1} in a police outfit",
+    "a {0} {1} wearing pink glasses",
+    "a {0} {1} wearing a yellow shirt",
+    "a {0} {1} in a purple wizard outfit",
+)
 _FORMAT_ARGS = ("unique_token", "class_token")
 
 

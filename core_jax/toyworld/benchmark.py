@@ -31,12 +31,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from scipy import stats
 
 from core_jax import export, weights
 from core_jax.data import save_image_grid
 from core_jax.diffusion import SAMPLERS
 from core_jax.errors import InputError
+from core_jax.eval.stats import t_interval
 from core_jax.files import atomic_write_bytes
 from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens, placeholder_string
@@ -51,8 +51,7 @@ from core_jax.toyworld.world import (
     parse_caption,
 )
 from core_jax.train import setup as run_setup
-from core_jax.train.sweep import Run, expand_runs, sweep
-from core_jax.train.workdir import flatten_config
+from core_jax.train.sweep import Run, check_same_training, expand_runs, sweep
 
 TOYWORLD_PREFIX = "toyworld:"
 SCORES_FILE = "benchmark_scores.json"
@@ -113,17 +112,6 @@ def score_images(
         return np.mean(hits, axis=0)
 
     return agreement(check.identity), agreement(check.asks)
-
-
-def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    """Mean and Student's t confidence interval of independent values; with fewer than two
-    values the interval is unknown (NaN)."""
-    x = np.asarray(values, np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": len(x)}
-    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(x)}
 
 
 def summarize(
@@ -262,23 +250,8 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
         run_setup.concept_text(concept_runs[0].config, run_setup.run_tokenizer(config))
         for run in concept_runs:
             run_setup.check_config(run.config)
-            _check_same_training(run, workdir)
+            check_same_training(run, workdir)
     return Plan(concepts, identities, methods, list(b.prompts), runs, training)
-
-
-def _check_same_training(run: Run, workdir: Path) -> None:
-    """A finished run is skipped by the sweep: refuse one that was trained differently."""
-    saved = run.folder / "config.json"
-    if not saved.is_file():
-        return
-    old = flatten_config(json.loads(saved.read_text()))
-    new = flatten_config(json.loads(run.config.to_json()))
-    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if differing:
-        raise InputError(
-            f"{workdir} holds run {run.name} trained with other settings ({', '.join(differing)}); "
-            "use another workdir or delete that run"
-        )
 
 
 def _evaluation_key(config: ml_collections.ConfigDict) -> dict[str, Any]:

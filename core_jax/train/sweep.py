@@ -34,6 +34,7 @@ from core_jax.train.class_pool import ClassPools
 from core_jax.train.loop import Env, Run, StopRequests, read_result, train_groups
 from core_jax.train.parallel import fit_mesh
 from core_jax.train.stages import number_keys, stage_names
+from core_jax.train.workdir import flatten_config
 
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -96,6 +97,22 @@ def expand_runs(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
     if len(set(names)) != len(names):
         raise InputError("sweep runs are not distinguishable by name: give concepts unique names")
     return runs
+
+
+def check_same_training(run: Run, workdir: Path) -> None:
+    """A finished run is skipped by the sweep: refuse one that was trained differently (a
+    command that reuses a workdir with other settings would otherwise score stale runs)."""
+    saved = run.folder / "config.json"
+    if not saved.is_file():
+        return
+    old = flatten_config(json.loads(saved.read_text()))
+    new = flatten_config(json.loads(run.config.to_json()))
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differing:
+        raise InputError(
+            f"{workdir} holds run {run.name} trained with other settings ({', '.join(differing)}); "
+            "use another workdir or delete that run"
+        )
 
 
 def group_key(run: Run) -> str:
