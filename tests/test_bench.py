@@ -265,3 +265,20 @@ def test_bench_runs_in_bfloat16_and_says_so():
     # The step donated its state; the setup every variant starts from is intact.
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(setup.args()))
     assert json.loads(result.to_json())["dtype"] == "bfloat16"
+
+
+def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
+    """DreamBooth's step has the prior term on a class pool; Custom Diffusion's trains its K/V
+    and S* with the masked loss on view masks (stood in by `method_data`). Built, not compiled."""
+    from core_jax import bench
+
+    setup = bench.build_setup("tiny", 2)
+    booth = bench.variant_setup(setup, "dreambooth")
+    assert set(booth.program.trains) == {"unet"}
+    assert {t.name for t in booth.program.terms} == {"diffusion", "prior"}
+    assert booth.data.class_mean is not None and setup.data.class_mean is None
+    custom = bench.variant_setup(setup, "custom_diffusion")
+    assert set(custom.program.trains) == {"custom_diffusion", "embeds"}
+    assert "loss_mask" in custom.program.needs and custom.data.latent_mask is not None
+    # The K/V and their Adam moments: far below a U-Net copy.
+    assert bench.trainable_state_mb(custom) < 0.2 * bench.trainable_state_mb(booth)

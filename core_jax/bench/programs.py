@@ -4,8 +4,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (+ L_attn), `core` (both), `core_all` (+ pairwise and hinge); the U-Net-side methods' steps
 (`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
-matrix), `tto` (CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and
-`sample` (a 50-step DDIM chain with classifier-free guidance).
+matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
+and S*, masked loss), `tto` (CoRe's test-time optimization: L_emb and L_attn, no diffusion
+loss); and `sample` (a 50-step DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -32,6 +33,7 @@ from core_jax.models import attention
 from core_jax.train.parallel import make_mesh
 from core_jax.train.passes import with_shared
 from core_jax.train.stages import build_program, stage_numbers, stage_params
+from core_jax.train.state import ConceptData
 from core_jax.train.step import init_state, shard_step
 from core_jax.train.synthetic import Setup, random_setup
 
@@ -58,6 +60,10 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "unet": (("unet_finetune",), dict(learning_rate=2e-6)),
     "lora": (("lora",), dict(learning_rate=1e-4)),
     "svdiff": (("svdiff",), dict(learning_rate=1e-3)),
+    # DreamBooth: the U-Net copy plus the prior term on class rows (the paper's lr 5e-6).
+    "dreambooth": (("unet_finetune", "prior_preservation"), dict(learning_rate=5e-6)),
+    # Custom Diffusion: attn2's K/V and S*, the masked loss (lr 1e-5 x images, here 6).
+    "custom_diffusion": (("custom_diffusion",), dict(learning_rate=6e-5)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(
@@ -120,19 +126,33 @@ def stage_setup(setup: Setup, methods: Sequence[str], **keys: Any) -> Setup:
     stages = [stage_config(methods, batch_size=setup.program.batch_size, **keys)]
     stages *= num_concepts(setup)
     program = build_program(stages, setup.program.models, setup.schedule.prediction_type)
+    data = method_data(setup.data, methods)
     embeds = setup.state.params["embeds"]
     frozen = with_shared({k: v for k, v in setup.frozen.items() if k in ("text", "text_2", "unet")},
                          program.trains)
     params = stage_params(
-        [program], 0, {"embeds": embeds}, setup.data, frozen, int(embeds.shape[1]),
-        setup.state.rng,
+        [program], 0, {"embeds": embeds}, data, frozen, int(embeds.shape[1]), setup.state.rng,
     )
     return dataclasses.replace(
-        setup, program=program, numbers=stage_numbers(stages),
+        setup, program=program, numbers=stage_numbers(stages), data=data,
         frozen=frozen,
         # A copy of the keys: the program donates its state, and `setup` serves every variant.
         state=init_state(program, params, jnp.array(setup.state.rng)),
     )
+
+
+def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
+    """`data` with what the methods read beyond the views and prompts, stood in for: a class
+    pool (prior preservation: the view pool again, "a photo of a <class>" as y_cat's first
+    template) and view masks (Custom Diffusion's masked loss: the whole image). Same shapes and
+    work as the real ones."""
+    if "prior_preservation" in methods and data.class_mean is None:
+        data = dataclasses.replace(data, class_mean=data.latent_mean, class_std=data.latent_std,
+                                   class_hidden=data.cat_hidden[:, 0])
+    if "custom_diffusion" in methods and data.latent_mask is None:
+        data = dataclasses.replace(
+            data, latent_mask=jnp.ones(data.latent_mean.shape[:-1] + (1,), bool))
+    return data
 
 
 def variant_setup(setup: Setup, variant: str) -> Setup:
