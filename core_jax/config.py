@@ -148,4 +148,5 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
                     stage.setdefault(key, value)
     # Keys added within version 2, at the value that behaves as before them.
     saved.setdefault("concept", {}).setdefault("init_word", "")
+    saved.setdefault("data", {}).setdefault("augmentation", "core")
     return saved

@@ -389,12 +389,12 @@ def _unet_passes(p: Passes) -> None:
     contexts = {"caption_pred": lambda: p["caption_hidden"], "obj_stats": lambda: p["obj_hidden"],
                 "prior_pred": lambda: p.data.class_hidden}
     inputs = [p.prior_inputs if n == "prior_pred" else None for n in names]
+    hidden = [contexts[n]() for n in names]  # the text pass sets SDXL's pooled embeddings too
     pooled = None
     if p.models.text_encoder_2 is not None:  # SDXL (prior preservation is refused there)
         pooled_of = {"caption_pred": "caption_pooled", "obj_stats": "obj_pooled"}
         pooled = [p._values[pooled_of[n]] for n in names]
-    results = p.unet([contexts[n]() for n in names], with_stats="obj_stats" in p.needs,
-                     inputs=inputs, pooled=pooled)
+    results = p.unet(hidden, with_stats="obj_stats" in p.needs, inputs=inputs, pooled=pooled)
     for name, (pred, stats) in zip(names, results, strict=True):
         if name == "obj_stats":
             p._values[name] = _aligned_stats(stats, p.pick(p.data.obj_index))
