@@ -14,6 +14,7 @@ layer mapping or a transposed kernel cannot hide under the bound.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -473,6 +474,51 @@ def test_core_jax_train_with_custom_diffusion_tiny_exports_what_it_trained(tmp_p
         np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
+
+
+@pytest.mark.slow
+def test_a_custom_diffusion_sweep_packs_and_each_run_equals_it_alone(tmp_path):
+    """`core-jax sweep` of custom_diffusion_tiny.py (micro, 2 steps) over lambda_prior 0 and
+    0.25, packed 2 at a time: one group, one compilation, one class pool; each run trained
+    alone from its saved config ends at the same K/V. Tolerance as tests/test_sweep.py argues
+    (another summation order; Adam moves an entry by up to lr a step)."""
+    import ml_collections
+
+    from core_jax.train.loop import train
+    from core_jax.train.sweep import sweep
+
+    spec = importlib.util.spec_from_file_location("cd_tiny",
+                                                  ROOT / "configs/custom_diffusion_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()  # shrunk as MICRO shrinks it
+    c.model.preset, c.data.resolution, c.data.num_views = "micro", 16, 4
+    c.stage1.steps, c.stage1.batch_size = 2, 2
+    c.stage1.num_class_images, c.stage1.class_steps = 2, 2
+    c.sample.steps, c.sample.images_per_prompt = 2, 1
+    c.log_every = c.checkpoint_every = 2
+    c.stage1.class_pool_dir = str(tmp_path / "pools")
+    c.sample.at_end = False
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.concepts = (dict(name="chelsea", images="builtin:chelsea", super_category="cat",
+                             templates="animate"),)
+    c.sweep.grid = (("stage1.lambda_prior", (0.0, 0.25)),)
+    c.sweep.pack = 2
+    c.sweep.concept_shards = 0
+    summary = sweep(c, tmp_path / "sweep")
+    assert summary["runs"] == 2 and summary["groups"][0]["compilations"] == [1]
+    results = {r["run"]: r for r in summary["results"]}
+    assert all(r["status"] == "done" for r in results.values())
+    lr = c.stage1.learning_rate
+    for name in results:
+        folder = tmp_path / "sweep" / "runs" / name
+        config = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+        train(config, tmp_path / "alone" / name)
+        swept = load_file(folder / CUSTOM_DIFFUSION_NAME)
+        alone = load_file(tmp_path / "alone" / name / CUSTOM_DIFFUSION_NAME)
+        assert swept.keys() == alone.keys() and swept
+        for key, value in swept.items():
+            np.testing.assert_allclose(alone[key], value, rtol=0, atol=lr, err_msg=f"{name} {key}")
 
 
 def test_sd15_config_holds_the_papers_recipe():
