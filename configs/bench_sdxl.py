@@ -5,15 +5,17 @@ embedding and add-time ids in every U-Net pass) with TI only, CoRe (L_emb + L_at
 test-time step (regularizers only), and the stage-2 U-Net step, on random weights. Here the
 `tiny_sdxl` preset (SDXL's blocks and per-block transformer depths at tiny widths, 8x8
 latents); on an accelerator pass `--config.preset=sdxl` for SDXL base's real shapes (2.6 G U-Net
-parameters, 128x128 latents; about 10 GB of parameters and AdamW state per run for stage 2).
+parameters, 128x128 latents; stage 2's fp32 U-Net copy and AdamW's two moments are about
+31 GB per run: arithmetic, not measured).
 
 Commands:
     core-jax bench --config configs/bench_sdxl.py
     core-jax bench --config configs/bench_sdxl.py --config.preset=sdxl --config.dtype=bfloat16
 
-Time here (2-core CPU): about 4 minutes for the tiny_sdxl preset, nearly all of it compiling.
-What to expect: FLOPs per step (exact, from XLA) in the ratio of SD's: CoRe about 2.3x TI, the
-test-time step CoRe's less the caption pass; times on this CPU say little about accelerators.
+Time here (2-core CPU): about 16 minutes measured under load (8), nearly all of it compiling.
+What to expect: FLOPs per step (exact, from XLA): CoRe about 2x TI (0.9 against 0.4 GFLOP
+measured), the test-time step CoRe's less the caption pass; times on this CPU say little
+about accelerators.
 """
 
 import ml_collections

@@ -19,9 +19,9 @@ Command:
         --config.concept.templates=inanimate
 
 Time: with the tiny_sdxl preset here (2-core CPU, `--config.data.resolution=64
---config.stage1.steps=20 --config.stage2.steps=0`), about 6 minutes, most of it compiling; SDXL
-base's stage-1 step is ~5x SD 2.1's (2.6 G U-Net parameters at 128x128 latents): an 80 GB
-accelerator in bf16, not this machine.
+--config.stage1.steps=20 --config.stage2.steps=0`), about 10 minutes measured while other jobs
+loaded the machine (load 8), most of it initialising and compiling; SDXL base's real shapes
+need an accelerator (not measured: no device was lent).
 What it should reach: every loss term finite and logged; exports learned_embeds.safetensors
 ([V, 2048] for our sampler) and a1111/<name>.safetensors with clip_l [V, 768] and clip_g
 [V, 1280], which AUTOMATIC1111, ComfyUI and diffusers' load_textual_inversion (one call per

@@ -19,11 +19,13 @@ from core_jax import export, tto, weights
 from core_jax.config import migrate
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError
+from core_jax.methods import group_of
 from core_jax.sample import generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
 from core_jax.train.passes import merged_unet, unet_groups
+from core_jax.train.stages import stage_methods, stage_names
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -99,7 +101,7 @@ def sample_run(
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
         _, unet_params = weights.load_unet(workdir / "unet")
-    elif use_stage2_unet and (workdir / "checkpoints").is_dir():
+    elif use_stage2_unet and _trains_unet_groups(config) and (workdir / "checkpoints").is_dir():
         # Adapters (LoRA, Custom Diffusion's K/V) live in the checkpoint, not in a unet/ folder.
         params = checkpoint_params(latest_checkpoint(workdir)[1])
         if unet_groups(params):
@@ -139,6 +141,14 @@ def sample_run(
         images = draw(expanded, learned)
     out = out or workdir / "samples" / f"sample_{time.strftime('%Y%m%d-%H%M%S')}.png"
     return save_image_grid(images, out, nrow=num_images)
+
+
+def _trains_unet_groups(config: ml_collections.ConfigDict) -> bool:
+    """Whether a stage of the run trains a group the U-Net reads (so that sampling needs its
+    checkpoint); a TI or CoRe stage-1 run samples without reading one."""
+    return any(group_of(group).unet_call is not None
+               for name in stage_names(config) for method in stage_methods(config[name])
+               for group in method.trains)
 
 
 def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
