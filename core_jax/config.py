@@ -24,6 +24,10 @@ CONFIG_VERSION = 2
 STAGE_KEYS = {
     "methods": (), "steps": 0, "batch_size": 1, "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999,
     "weight_decay": 1e-2, "clip_norm": 0.0,  # clip_norm 0 = no clipping
+    # "auto": a trained whole-U-Net copy (stage 2, DreamBooth) keeps its parameters and AdamW
+    # state split over the devices of its run's data axis when there are several (FSDP-style:
+    # 1/n of the bytes per device); "off": every device holds it whole.
+    "shard_state": "auto",
 }
 # What base_config's stage 1 lists: the weights decide which terms are present (a zero weight
 # drops a term from the program), so TI is this with both CoRe weights and the norm hold off.
@@ -149,4 +153,7 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     # Keys added within version 2, at the value that behaves as before them.
     saved.setdefault("concept", {}).setdefault("init_word", "")
     saved.setdefault("data", {}).setdefault("augmentation", "core")
+    for name, stage in saved.items():
+        if name.startswith("stage") and isinstance(stage, dict):
+            stage.setdefault("shard_state", STAGE_KEYS["shard_state"])
     return saved

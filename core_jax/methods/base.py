@@ -80,6 +80,10 @@ class ParamGroup:
     # `core_jax.train.passes.with_shared`). With it, `unet_call` and `merge` take them as a
     # last argument; they always derive from the frozen U-Net, never from a merged one.
     shared: Callable[[Any], Any] | None = None
+    # A whole model copy (a run's own U-Net): with `shard_state` "auto" its parameters and
+    # optimizer state split over the devices of the run's data axis (`core_jax.train.step`).
+    # Hooks then see only a device's slice of it, so no hook may read such a group.
+    split_over_data: bool = False
 
 
 def _none(settings: Settings) -> tuple:

@@ -29,7 +29,8 @@ def _own_unet(call: UNetCall, unet_params: Any, own: Any) -> Any:
     return call(own)
 
 
-UNET = ParamGroup(init=_init_unet, unet_call=_own_unet, merge=lambda unet_params, own: own)
+UNET = ParamGroup(init=_init_unet, unet_call=_own_unet, merge=lambda unet_params, own: own,
+                  split_over_data=True)
 
 METHOD = Method(
     name="unet_finetune",

@@ -52,7 +52,7 @@ from core_jax.train.stages import (
     stage_params,
 )
 from core_jax.train.state import ConceptData, TrainState, stage_keys
-from core_jax.train.step import StageProgram, init_state, shard_step
+from core_jax.train.step import StageProgram, init_state, shard_step, unsplit
 from core_jax.train.workdir import check_workdir, prepare_workdir
 
 
@@ -310,6 +310,9 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
     seeds = [r.config.seed for r in slots]
     num_vectors = first.concept.num_vectors
 
+    def whole(state: TrainState) -> TrainState:  # what the per-run readers slice
+        return state.replace(params=unsplit(state.params, env.mesh))
+
     def first_state(k: int, params: dict[str, Any]) -> TrainState:
         params = stage_params(group.programs, k, params, data, frozen, num_vectors,
                               stage_keys(seeds, k))
@@ -375,7 +378,7 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
                 env.say(f"{pack.label}: step {step}/{total}")
             if (first.sample.every and step % first.sample.every == 0
                     and step < group.ends[k]):
-                _sample_grids(group, owned, failed, state, name, step, logs)
+                _sample_grids(group, owned, failed, whole(state), name, step, logs)
             if env.stop(step):
                 checkpoints.save(step, {"state": state})
                 close()
@@ -384,11 +387,11 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
         if len(failed) == len(pack.runs):
             break
         if first.sample.at_end:
-            _sample_grids(group, owned, failed, state, name, step, logs)
+            _sample_grids(group, owned, failed, whole(state), name, step, logs)
 
     # --- The runs' exports and results: only a finished run has them --------------------------
     if len(failed) < len(pack.runs):
-        _export_runs(owned, failed, state, env.models.unet, step, env.models.params["unet"],
+        _export_runs(owned, failed, whole(state), env.models.unet, step, env.models.params["unet"],
                      run_setup.sdxl_width_1(first))
     close()
     for c, run in owned:

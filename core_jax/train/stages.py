@@ -27,6 +27,8 @@ from core_jax.train.passes import StepModels
 from core_jax.train.state import ConceptData
 from core_jax.train.step import Numbers, StageProgram, make_optimizer
 
+SHARD_STATE = ("auto", "off")  # a stage's shard_state (core_jax.config.STAGE_KEYS)
+
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
     """The config's stages in order: stage1 always, later ones when they have steps."""
@@ -91,6 +93,9 @@ def check_stage(name: str, stage: ml_collections.ConfigDict) -> None:
             if stage[key] not in allowed:
                 raise InputError(f"{name}.{key} is {stage[key]!r}; choose one of "
                                  f"{', '.join(allowed)}")
+    if stage.get("shard_state", "auto") not in SHARD_STATE:
+        raise InputError(f"{name}.shard_state is {stage.shard_state!r}; choose one of "
+                         f"{', '.join(SHARD_STATE)}")
 
 
 def _plain(stage: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -119,9 +124,11 @@ def build_program(
         trains=trains,
         terms=tuple(terms.values()),
         hooks=tuple(hooks),
-        optimizer=make_optimizer(first.weight_decay, first.b1, first.b2,
-                                 clip_norm=first.clip_norm or None),
+        optimizer=make_optimizer(first.weight_decay, first.b1, first.b2),
         settings=settings,
+        clip_norm=first.clip_norm or None,
+        shard_groups=tuple(g for g in trains if first.shard_state == "auto"
+                           and group_of(g).split_over_data),
     )
 
 
