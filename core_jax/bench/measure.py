@@ -44,6 +44,12 @@ class Result:
     trainable_mb: float | None = None
     flops: float | None = None
     flops_per_s: float | None = None
+    # flops_per_s over the chip's peak for the compute dtype (`core_jax.bench.peaks`); None on
+    # CPUs and chips the table lacks, unless a peak was given.
+    mfu: float | None = None
+    # --scaling: seconds per concept-step (median_s / concepts) and its ratio to C = 1's.
+    per_concept_s: float | None = None
+    per_concept_ratio: float | None = None
     ratio_to_ti: float | None = None  # median_s / the same framework's TI median_s
     dtype: str = "float32"  # compute dtype
     note: str = ""

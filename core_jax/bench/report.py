@@ -55,7 +55,7 @@ def format_table(results: Sequence[Result]) -> str:
     header = (
         "| variant | framework | C | batch | median s | min s | max s | ex/s | lower s | compile s"
         " | first call s | peak RSS MB | XLA temp MB | trainable MB/run | GFLOP/step | GFLOP/s"
-        " | / TI | note |"
+        " | MFU % | / TI | note |"
     )
     rows = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for r in results:
@@ -67,7 +67,8 @@ def format_table(results: Sequence[Result]) -> str:
             f" | {_fmt(r.lower_s, 1)} | {_fmt(r.compile_s, 1)} | {_fmt(r.first_call_s, 2)}"
             f" | {_fmt(r.peak_rss_mb, 0)} | {_fmt(r.xla_temp_mb, 0)} | {_fmt(r.trainable_mb, 2)}"
             f" | {_fmt(gflops, 1)}"
-            f" | {_fmt(rate, 1)} | {_fmt(r.ratio_to_ti, 2)} | {r.note} |"
+            f" | {_fmt(rate, 1)} | {_fmt(None if r.mfu is None else 100 * r.mfu, 1)}"
+            f" | {_fmt(r.ratio_to_ti, 2)} | {r.note} |"
         )
     return "\n".join(rows)
 
