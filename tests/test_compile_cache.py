@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from core_jax import compile_cache
+from core_jax.errors import InputError
 from core_jax.train.profile import StepProfiler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,8 @@ def test_profile_traces_the_steps_after_the_first(tmp_path):
     nothing.step_done()
     nothing.close()
     assert not (tmp_path / "none").exists()
+    with pytest.raises(InputError, match="--profile is -1"):
+        StepProfiler(tmp_path, steps=-1)
 
 
 _TINY_TRAIN = [

@@ -1,4 +1,5 @@
-"""The `--compile_cache` flag of the commands that compile (train, sweep, bench, sample)."""
+"""The `--compile_cache` flag of the commands that compile (train, sweep, bench, sample,
+dreambench)."""
 
 from __future__ import annotations
 
