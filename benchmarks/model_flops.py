@@ -5,7 +5,9 @@ unit of docs/evaluation.md's DreamBench runtime estimate.
     python benchmarks/model_flops.py sd15 sd21 bench_small
 
 Attention is traced in its explicit form, as `core-jax bench` counts it (XLA's cost analysis
-counts a loop body once, so the chunked form would hide most attention FLOPs).
+counts a loop body once, so the chunked form would hide most attention FLOPs). Next to XLA's
+count: the hand count of the U-Net's convolutions, dense layers and attention products
+(`core_jax.bench.flop_count`), which tests/test_flop_count.py holds XLA's to.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from core_jax.bench.flop_count import unet_forward_flops
 from core_jax.bench.measure import flops
 from core_jax.models import attention
 from core_jax.models.presets import get_preset
@@ -23,7 +26,9 @@ from core_jax.models.vae import AutoencoderKL
 
 
 def model_flops(preset_name: str) -> dict[str, float]:
-    """{"unet_forward_per_row", "vae_decode_per_image"} in FLOPs, and the U-Net's parameters."""
+    """{"unet_forward_per_row", "vae_decode_per_image"} in FLOPs (XLA's count),
+    "unet_forward_per_row_by_hand" (convolutions, dense layers, attention products; 77 context
+    tokens), and the U-Net's parameters."""
     preset = get_preset(preset_name)
     size = preset.unet.sample_size
     unet = UNet2DConditionModel(preset.unet)
@@ -41,7 +46,8 @@ def model_flops(preset_name: str) -> dict[str, float]:
         decode = flops(jax.jit(lambda p, z: vae.apply(p, z, method=vae.decode))
                        .lower(vae_params, vae_latents))
     return {"unet_params": float(sum(x.size for x in jax.tree.leaves(unet_params))),
-            "unet_forward_per_row": forward, "vae_decode_per_image": decode}
+            "unet_forward_per_row": forward, "vae_decode_per_image": decode,
+            "unet_forward_per_row_by_hand": unet_forward_flops(preset.unet, 1, 77).total}
 
 
 def main() -> None:
@@ -51,7 +57,8 @@ def main() -> None:
         counts = model_flops(name)
         size = get_preset(name).unet.sample_size
         print(f"{name}: {size}x{size} latents, U-Net {counts['unet_params'] / 1e6:.1f} M "
-              f"parameters, forward {counts['unet_forward_per_row'] / 1e9:.1f} GFLOP per row, "
+              f"parameters, forward {counts['unet_forward_per_row'] / 1e9:.1f} GFLOP per row "
+              f"(by hand: {counts['unet_forward_per_row_by_hand'] / 1e9:.1f}), "
               f"VAE decode {counts['vae_decode_per_image'] / 1e9:.1f} GFLOP per image")
 
 

@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps = 5  # timed steps per variant, after the first call and `warmup` more
     c.warmup = 1
     c.variants = "ti,core,tto,unet"  # the sampling chain of bench/programs has no SDXL path yet
+    # Peak TFLOP/s of one chip for MFU; 0: from core_jax.bench.peaks by the device's name
+    # (none on CPUs).
+    c.peak_tflops = 0.0
     c.torch_threads = 0
     c.sample = ml_collections.ConfigDict(dict(batch=1, num_inference_steps=50, chains=1))
     c.scaling = ml_collections.ConfigDict(

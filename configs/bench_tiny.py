@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps = 10  # timed steps per variant, after the first call and `warmup` more
     c.warmup = 1
     c.variants = "ti,emb,attn,core,core_all,unet,sample"
+    # Peak TFLOP/s of one chip for MFU; 0: from core_jax.bench.peaks by the device's name
+    # (none on CPUs).
+    c.peak_tflops = 0.0
     c.torch_threads = 0  # 0: all cores, as JAX uses
     # `chains` whole 50-step chains are timed (each is 50 U-Net calls).
     c.sample = ml_collections.ConfigDict(dict(batch=1, num_inference_steps=50, chains=10))

@@ -131,12 +131,14 @@ def test_bench_command_emits_one_json_line_per_variant(tmp_path):
         # Two variants keep the compile time down: the stage-1 step and the sampling chain.
         "--variants", "sample,ti", "--json", "--config.steps=2", "--config.warmup=0",
         "--config.sample.num_inference_steps=2", "--config.sample.chains=2",
+        "--config.peak_tflops=0.001",  # a CPU has no peak in the table: MFU from the one given
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     environment = lines[0]["environment"]
+    assert environment["peak_tflops"] == 0.001
     if sys.platform.startswith("linux"):
         assert environment["allocator"] != "glibc"
     results = lines[1:]
@@ -147,6 +149,7 @@ def test_bench_command_emits_one_json_line_per_variant(tmp_path):
                     "flops", "flops_per_s", "peak_rss_mb"):
             assert isinstance(r[key], float) and np.isfinite(r[key]) and r[key] > 0, key
         assert r["steps"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e9)
     ti, chain = results
     assert ti["ratio_to_ti"] == 1.0 and ti["batch"] == 2
     assert chain["ratio_to_ti"] is None and chain["batch"] == 1

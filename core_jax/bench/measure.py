@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 
+from core_jax.compile_cache import CompileRecord
+
 
 @dataclasses.dataclass
 class Result:
@@ -36,6 +38,7 @@ class Result:
     concepts: int = 1
     lower_s: float | None = None
     compile_s: float | None = None
+    compile_cached: bool | None = None  # compile_s was a read of JAX's persistent cache
     first_call_s: float | None = None
     peak_rss_mb: float | None = None  # process RSS, sampled during the first call and steps
     xla_temp_mb: float | None = None  # XLA's scratch buffer for one call (memory analysis)
@@ -44,6 +47,12 @@ class Result:
     trainable_mb: float | None = None
     flops: float | None = None
     flops_per_s: float | None = None
+    # flops_per_s over the chip's peak for the compute dtype (`core_jax.bench.peaks`); None on
+    # CPUs and chips the table lacks, unless a peak was given.
+    mfu: float | None = None
+    # --scaling: seconds per concept-step (median_s / concepts) and its ratio to C = 1's.
+    per_concept_s: float | None = None
+    per_concept_ratio: float | None = None
     ratio_to_ti: float | None = None  # median_s / the same framework's TI median_s
     dtype: str = "float32"  # compute dtype
     note: str = ""
@@ -122,8 +131,10 @@ def time_program(
     start = time.perf_counter()
     lowered = program.jitted.lower(*program.args)
     lowered_at = time.perf_counter()
+    compiling = CompileRecord()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
+    compile_cached = compiling.summary()["cache_hits"] > 0
     memory = compiled.memory_analysis()
     args = jax.device_put(program.args, compiled.input_shardings[0])
     times = []
@@ -138,7 +149,8 @@ def time_program(
     median = statistics.median(steady)
     return dict(
         steps=steps, median_s=median, min_s=min(steady), max_s=max(steady),
-        lower_s=lowered_at - start, compile_s=compiled_at - lowered_at, first_call_s=times[0],
+        lower_s=lowered_at - start, compile_s=compiled_at - lowered_at,
+        compile_cached=compile_cached, first_call_s=times[0],
         peak_rss_mb=rss.peak_mb, device_peak_mb=device_peak_mb(),
         xla_temp_mb=round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
         flops=flops, flops_per_s=flops / median if flops else None,

@@ -55,19 +55,22 @@ def format_table(results: Sequence[Result]) -> str:
     header = (
         "| variant | framework | C | batch | median s | min s | max s | ex/s | lower s | compile s"
         " | first call s | peak RSS MB | XLA temp MB | trainable MB/run | GFLOP/step | GFLOP/s"
-        " | / TI | note |"
+        " | MFU % | / TI | note |"
     )
     rows = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for r in results:
         gflops = None if r.flops is None else r.flops / 1e9
         rate = None if r.flops_per_s is None else r.flops_per_s / 1e9
+        cached = " (cached)" if r.compile_cached else ""  # a cache read, not XLA's compile
         rows.append(
             f"| {r.variant} | {r.framework} | {r.concepts} | {r.batch} | {_fmt(r.median_s)}"
             f" | {_fmt(r.min_s)} | {_fmt(r.max_s)} | {_fmt(r.examples_per_s, 2)}"
-            f" | {_fmt(r.lower_s, 1)} | {_fmt(r.compile_s, 1)} | {_fmt(r.first_call_s, 2)}"
+            f" | {_fmt(r.lower_s, 1)} | {_fmt(r.compile_s, 1)}{cached}"
+            f" | {_fmt(r.first_call_s, 2)}"
             f" | {_fmt(r.peak_rss_mb, 0)} | {_fmt(r.xla_temp_mb, 0)} | {_fmt(r.trainable_mb, 2)}"
             f" | {_fmt(gflops, 1)}"
-            f" | {_fmt(rate, 1)} | {_fmt(r.ratio_to_ti, 2)} | {r.note} |"
+            f" | {_fmt(rate, 1)} | {_fmt(None if r.mfu is None else 100 * r.mfu, 1)}"
+            f" | {_fmt(r.ratio_to_ti, 2)} | {r.note} |"
         )
     return "\n".join(rows)
 

@@ -42,8 +42,10 @@ def measure_jax(
     warmup: int = 1,
     sample_batch: int = 1,
     sample_steps: int = 50,
+    peak_flops: float | None = None,
 ) -> Result:
-    """Time one JAX variant on `setup` (see the module docstring for what is timed)."""
+    """Time one JAX variant on `setup` (see the module docstring for what is timed); with the
+    chip's `peak_flops` (FLOP/s), its MFU."""
     trainable_mb = None
     if variant == "sample":
         program = sample_program(setup, sample_batch, sample_steps)
@@ -57,10 +59,12 @@ def measure_jax(
         batch, note = staged.program.batch_size * num_concepts(staged), ""
         trainable_mb = trainable_state_mb(staged)
     timing = time_program(program, steps=steps, warmup=warmup, flops=flops)
+    rate = timing["flops_per_s"]
     return Result(
         variant=variant, framework="jax", preset=preset, batch=batch,
         concepts=num_concepts(setup), examples_per_s=batch / timing["median_s"],
-        dtype=jnp.dtype(setup.unet.dtype).name, trainable_mb=trainable_mb, note=note, **timing,
+        dtype=jnp.dtype(setup.unet.dtype).name, trainable_mb=trainable_mb, note=note,
+        mfu=rate / peak_flops if rate and peak_flops else None, **timing,
     )
 
 
@@ -111,6 +115,7 @@ def run_suite(
     sample_steps: int = 50,
     sample_chains: int | None = None,
     setup: Setup | None = None,
+    peak_flops: float | None = None,
     emit: Callable[[Result], None] = lambda r: None,
 ) -> list[Result]:
     """Every variant in JAX, each followed by the same variant in PyTorch when `vs_torch`
@@ -126,7 +131,7 @@ def run_suite(
         timed = (sample_chains or steps) if variant == "sample" else steps
         runs = [lambda v=variant, n=timed: measure_jax(
             setup, preset, v, steps=n, warmup=warmup, sample_batch=sample_batch,
-            sample_steps=sample_steps,
+            sample_steps=sample_steps, peak_flops=peak_flops,
         )]
         if vs_torch and variant in TORCH_VARIANTS:
             runs.append(lambda v=variant: measure_torch(
@@ -152,10 +157,12 @@ def run_scaling(
     steps: int,
     warmup: int = 1,
     setup: Setup | None = None,
+    peak_flops: float | None = None,
     emit: Callable[[Result], None] = lambda r: None,
 ) -> list[Result]:
     """The stage-1 `variant` with C concepts packed in one step, `batch_per_concept` rows each;
-    `ratio_to_ti` here is the step time relative to C = 1 (ideal scaling: C)."""
+    `ratio_to_ti` here is the step time relative to the smallest C (ideal scaling: C), and
+    `per_concept_ratio` the cost of one concept-step relative to it (packing pays below 1)."""
     if variant not in STAGE1_TERMS:
         raise ValueError(f"scaling runs a stage-1 variant, one of {tuple(STAGE1_TERMS)}")
     setup = setup or build_setup(preset, batch_per_concept, max(concepts))
@@ -163,14 +170,16 @@ def run_scaling(
     for count in sorted(concepts):
         result = measure_jax(
             with_concepts(setup, count, batch_per_concept), preset, variant, steps=steps,
-            warmup=warmup,
+            warmup=warmup, peak_flops=peak_flops,
         )
+        result.per_concept_s = result.median_s / count
+        base = results[0] if results else result
+        result.per_concept_ratio = result.per_concept_s / base.per_concept_s
+        result.ratio_to_ti = result.median_s / base.median_s
         result.note = (
-            f"{count} concepts x {batch_per_concept} rows: "
-            f"{result.median_s / count:.3f} s per concept-step"
+            f"{count} concepts x {batch_per_concept} rows: {result.per_concept_s:.3f} s per "
+            f"concept-step, {result.per_concept_ratio:.2f} x C = {base.concepts}'s"
         )
-        if results:
-            result.ratio_to_ti = result.median_s / results[0].median_s
         results.append(result)
         emit(result)
     return results

@@ -1,8 +1,11 @@
 """core-jax bench --config configs/bench_small.py [--variants ti,core] [--vs-torch] [--json]
 
-Times the compiled steps per variant (and, with --scaling, with 1, 2, 4, 8 concepts packed per
-step; with --components, single pieces such as the U-Net and its attention). Prints a Markdown
-table, or one JSON line per measurement with --json. See `core_jax.bench`.
+Times the compiled steps per variant (and, with --scaling, with the config's
+`scaling.concepts` packed per step, e.g. --config.scaling.concepts=1,4,8,16; with --components,
+single pieces such as the U-Net and its attention). Prints a Markdown table, or one JSON line
+per measurement with --json. MFU is XLA's FLOPs per second over the chip's peak for the dtype
+(`core_jax.bench.peaks`; blank on CPUs and unknown chips unless --config.peak_tflops=N gives
+it). See `core_jax.bench`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from core_jax.commands.compile_cache_flag import start_compile_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/bench_tiny.py", "a configs/bench_*.py file", lock_config=True
@@ -44,7 +49,11 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     as_json = _JSON.value
+    compiling = start_compile_cache()
     environment = bench.environment(vs_torch=_VS_TORCH.value)
+    peak = bench.peak_flops(environment["device"], config.dtype, config.get("peak_tflops", 0.0))
+    environment["peak_tflops"] = None if peak is None else peak / 1e12
+    environment["compile_cache"] = str(compiling.cache_dir) if compiling.cache_dir else None
     if as_json:
         print(json.dumps({"environment": environment}), flush=True)
     else:
@@ -90,7 +99,7 @@ def main(argv: list[str]) -> None:
         vs_torch=_VS_TORCH.value, torch_threads=config.torch_threads or None,
         sample_batch=config.sample.batch, sample_steps=config.sample.num_inference_steps,
         sample_chains=config.sample.chains,
-        setup=setup, emit=emit,
+        setup=setup, peak_flops=peak, emit=emit,
     )
     report(f"{config.preset}, batch {config.batch}, {config.steps} steps, JAX in {config.dtype}",
            results)
@@ -98,11 +107,11 @@ def main(argv: list[str]) -> None:
         scaled = bench.run_scaling(
             config.preset, [int(c) for c in scaling], variant=config.scaling.variant,
             batch_per_concept=config.scaling.batch_per_concept, steps=config.scaling.steps,
-            warmup=config.warmup, setup=setup, emit=emit,
+            warmup=config.warmup, setup=setup, peak_flops=peak, emit=emit,
         )
         report(
             f"{config.scaling.variant} with C concepts packed, "
             f"{config.scaling.batch_per_concept} rows each (/ TI column: relative to C = 1)",
             scaled,
         )
-
+    print(compiling.line(), file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from core_jax.commands.compile_cache_flag import start_compile_cache
 from core_jax.commands.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a dreambench config",
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> None:
     from core_jax.commands import run_reporting_input_errors, under_workdir_lock
 
     initialize_distributed()
+    compiling = start_compile_cache(_WORKDIR.value)
     results = run_reporting_input_errors(
         under_workdir_lock, _WORKDIR.value, "dreambench", _dreambench, _CONFIG.value,
         _WORKDIR.value,
@@ -38,3 +40,4 @@ def main(argv: list[str]) -> None:
     brief = {m: {k: round(v[k]["mean"], 4) for k in ("clip_t", "clip_i", "dino") if v[k]}
              for m, v in results["methods"].items()}
     print(json.dumps({"methods": brief, "work": results["work"]}))
+    print(compiling.line())

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from absl import flags
 
+from core_jax.commands.compile_cache_flag import start_compile_cache
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "a core-jax train workdir")
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", None, "prompt(s); write the learned word as S*, {} or the placeholder itself"
@@ -33,6 +35,7 @@ def main(argv: list[str]) -> None:
     from core_jax.commands import run_reporting_input_errors
     from core_jax.train.outputs import sample_run
 
+    start_compile_cache(_WORKDIR.value)
     path = run_reporting_input_errors(
         sample_run, Path(_WORKDIR.value), list(_PROMPTS.value), num_images=_NUM.value,
         steps=_STEPS.value, sampler=_SAMPLER.value, guidance_scale=_GUIDANCE.value,

@@ -43,6 +43,7 @@ from core_jax.train.class_pool import ClassPools, pool_spec
 from core_jax.train.concepts import ConceptSpec
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
 from core_jax.train.passes import merged_unet, with_shared
+from core_jax.train.profile import StepProfiler
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
     build_program,
@@ -117,6 +118,7 @@ class Env:
     progress: Callable[[str], None] | None = None  # hears of packs starting, saving, ending
     alone: bool = False  # `core-jax train`: a run that fails raises instead of being reported
     class_pools: ClassPools | None = None  # prior preservation's class images, made once
+    profiler: StepProfiler | None = None  # --profile N: traces N steps
 
     @property
     def frozen(self) -> dict[str, Any]:
@@ -363,6 +365,8 @@ def train_pack(group: Group, pack: Pack, env: Env) -> bool:
             state, metrics = step_fn(state, data, numbers[k], frozen, schedule)
             step += 1
             metrics = gather(metrics)
+            if env.profiler:
+                env.profiler.step_done()
             for c, _ in enumerate(pack.runs):
                 if c not in failed and metrics["nonfinite_streak"][c] >= first.max_nonfinite:
                     failed[c] = _failure(k + 1, step, metrics, c)
@@ -547,15 +551,18 @@ def train(
     workdir: str | Path,
     overwrite: bool = False,
     stop_at_step: int | None = None,
+    profile_steps: int = 0,
 ) -> RunOutputs | None:
     """Run (or resume) every stage of one run; None when stopped early (signal or
-    `stop_at_step`), after checkpointing the step reached."""
+    `stop_at_step`), after checkpointing the step reached. `profile_steps` > 0 traces that
+    many steps into `workdir/profile` (`core_jax.train.profile`)."""
     workdir = Path(workdir)
 
     # --- Check: bad input fails here in one line, before anything is written or compiled ----
     run_setup.check_config(config)
     if stop_at_step is not None and stop_at_step < 1:
         raise InputError(f"--stop_at_step is {stop_at_step}; it must be at least 1")
+    profiler = StepProfiler(workdir / "profile", profile_steps)
     check_workdir(workdir, config, overwrite)
     run_setup.concept_images(config)
     tokenizer = run_setup.run_tokenizer(config)
@@ -571,11 +578,12 @@ def train(
     run = Run(config.concept.name, config, workdir)
     stop = StopRequests(stop_at_step)
     env = Env(models, mesh, stop, alone=True,
-              class_pools=ClassPools(workdir / "class_pools", print))
+              class_pools=ClassPools(workdir / "class_pools", print), profiler=profiler)
     try:
         _, finished = train_groups([[run]], 1, env, lambda g, k: workdir / "checkpoints")
     finally:
         stop.close()
+        profiler.close()
     if not finished:
         return None
     outputs = _run_outputs(workdir, config)

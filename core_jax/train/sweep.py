@@ -27,12 +27,14 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from core_jax.compile_cache import CompileRecord
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes
 from core_jax.train import setup as run_setup
 from core_jax.train.class_pool import ClassPools
 from core_jax.train.loop import Env, Run, StopRequests, read_result, train_groups
 from core_jax.train.parallel import fit_mesh
+from core_jax.train.profile import StepProfiler
 from core_jax.train.stages import number_keys, stage_names
 from core_jax.train.workdir import flatten_config
 
@@ -132,12 +134,16 @@ def sweep(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
     progress: Callable[[str], None] | None = None,
+    profile_steps: int = 0,
 ) -> dict[str, Any] | None:
     """Run every group, C runs at a time; returns the summary written to sweep_summary.json, or
     None when a signal stopped it (the pack in flight is checkpointed; rerun to resume).
-    `progress` (e.g. print) hears of each pack as it starts, checkpoints and ends."""
+    `progress` (e.g. print) hears of each pack as it starts, checkpoints and ends;
+    `profile_steps` > 0 traces that many steps into `workdir/profile`."""
     started = time.perf_counter()
+    compiling = CompileRecord()
     workdir = Path(workdir)
+    profiler = StepProfiler(workdir / "profile", profile_steps)
     _check_version(workdir)
     runs = expand_runs(config, workdir)
     for run in runs:  # every run is checked before anything is compiled or written
@@ -160,7 +166,8 @@ def sweep(
         groups.setdefault(group_key(run), []).append(run)
     stop = StopRequests()
     env = Env(run_setup.load_models(runs[0].config), mesh, stop, progress,
-              class_pools=ClassPools(workdir / "class_pools", progress or print))
+              class_pools=ClassPools(workdir / "class_pools", progress or print),
+              profiler=profiler)
     try:
         reports, finished = train_groups(
             list(groups.values()), pack, env,
@@ -168,6 +175,7 @@ def sweep(
         )
     finally:
         stop.close()
+        profiler.close()
     if not finished:
         return None
     if jax.process_count() > 1:
@@ -180,6 +188,7 @@ def sweep(
         "pack": pack,
         "mesh": dict(mesh.shape),
         "wall_s": time.perf_counter() - started,
+        "compile": compiling.summary(),
         "failed": [r.name for r in runs if read_result(r)["status"] == "failed"],
         "results": [read_result(r) for r in runs],
     }
