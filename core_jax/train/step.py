@@ -167,9 +167,10 @@ def train_step(
     # --- Update, per concept. A non-finite loss or gradient leaves that concept's parameters,
     # optimizer and hooks untouched; the step count still advances so the next step draws fresh
     # inputs, and the streak counts how many in a row were skipped.
-    finite = jnp.isfinite(terms["loss"]) & (
-        _sum_per_concept(grads, split, lambda g: ~jnp.isfinite(g)) == 0)
-    grad_norm = jnp.sqrt(_sum_per_concept(grads, split, jnp.square))  # [C_l]
+    # One pass over the gradient gives both: a sum of squares is finite iff every element is
+    # (or one is so large, > 1e19, that skipping the step is right anyway).
+    grad_norm = jnp.sqrt(_squared_norm(grads, split))  # [C_l]
+    finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
     if program.clip_norm:
         # optax.clip_by_global_norm's rule, with the norm over the whole (split) gradient.
         scale = jnp.where(grad_norm < program.clip_norm, 1.0, program.clip_norm / grad_norm)
@@ -329,15 +330,13 @@ def _reduce_split(grads: dict[str, Any], split: dict[str, Any]) -> dict[str, Any
     return jax.tree.map(one, grads, split)
 
 
-def _sum_per_concept(
-    grads: dict[str, Any], split: dict[str, Any], elementwise: Callable[[jax.Array], jax.Array]
-) -> jax.Array:
-    """sum of `elementwise` over every element of each concept's (split) gradient: [C_l]."""
+def _squared_norm(grads: dict[str, Any], split: dict[str, Any]) -> jax.Array:
+    """Each concept's squared global norm of its (split) gradient: [C_l]."""
     leaves, axes = jax.tree.leaves(grads), jax.tree.leaves(split)
-    total = jnp.zeros(leaves[0].shape[:1], jnp.float32)
     whole = [g for g, a in zip(leaves, axes, strict=True) if a == WHOLE]
     sliced = [g for g, a in zip(leaves, axes, strict=True) if a != WHOLE]
-    reduce = functools.partial(_per_concept, fn=lambda g: jnp.sum(elementwise(g), axis=1))
+    reduce = functools.partial(_per_concept, fn=lambda g: jnp.sum(jnp.square(g), axis=1))
+    total = jnp.zeros(leaves[0].shape[:1], jnp.float32)
     if whole:
         total = total + reduce(whole)
     if sliced:
