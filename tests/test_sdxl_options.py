@@ -261,6 +261,14 @@ def test_emb_encoders_bad_arguments():
     chex.assert_trees_all_close(one, losses.core_embedding_loss(h * np.arange(8), h, mask))
 
 
+def test_an_unknown_encoder_choice_is_one_line():
+    from core_jax.train.stages import check_stage
+
+    with pytest.raises(InputError, match=r"^stage1.emb_encoders is 'both'; choose one of "
+                                         r"joined, mean, clip_l, clip_g$"):
+        check_stage("stage1", stage_config(STAGE1_METHODS, emb_encoders="both"))
+
+
 def _term(program, name):
     return next(t for t in program.terms if t.name == name)
 
