@@ -6,11 +6,22 @@ What it runs: CoRe stage 1 with the paper's numbers (300 steps, L_emb + L_attn e
 norm held over steps 120-180, AdamW 5e-3, batch 6) at 1024 px, then stage 2 (the whole U-Net,
 AdamW 2e-6, batch 4) unless `--config.stage2.steps=0`, on your photos and a local diffusers
 folder of SDXL base 1.0. Without a folder it runs `tiny_sdxl`'s random weights (SDXL's topology
-at tiny widths, 64 px: the test of the machinery, not images). Our choices where nothing is
-published for SDXL: L_emb compares the concatenated context (what the U-Net reads), L_attn
-averages all the U-Net's cross-attention layers (70 in SDXL base), the norm hold and the hinge
-act on the joined [D1 + D2] vector, and the add-time ids are those of an uncropped square at
-data.resolution (the views are resized to it).
+at tiny widths, 64 px: the test of the machinery, not images).
+
+Every row's add-time ids are its view's, recorded when the augmentation makes it, as SDXL
+training does (diffusers' train_text_to_image_sdxl.py): the photo's original (height, width),
+the crop's top-left (y, x) in the photo rotated, resized to data.resolution on its shorter side
+and flipped, and the target (data.resolution, data.resolution). Sampling uses an uncropped
+square (size, size, 0, 0, size, size), as SDXL inference does.
+
+Our choices where nothing is published for SDXL, each a stage-1 key (defaults below):
+- stage1.emb_encoders = "joined": L_emb compares the concatenated context [D1 + D2] (what the
+  U-Net reads). "mean": the mean of L_emb on each encoder's part (CLIP ViT-L 768, OpenCLIP
+  bigG 1280); "clip_l" / "clip_g": only that encoder's part.
+- stage1.attn_layers = "all": L_attn averages all the U-Net's cross-attention layers (70 in SDXL
+  base), as the paper does. Or a comma list of "down", "mid", "up", layer numbers 0-69 (U-Net
+  order) and diffusers module paths, e.g. "mid,up" or "up_blocks_0/attentions_1".
+The norm hold and the hinge act on the joined [D1 + D2] vector.
 
 Command:
     core-jax train --config configs/core_sdxl.py --workdir runs/teapot-xl \\
@@ -36,6 +47,8 @@ def get_config():
     c.model.preset = "tiny_sdxl"  # only used without --config.model.path (random weights)
     c.data.resolution = 1024
     c.concept.name = "concept"
+    c.stage1.emb_encoders = "joined"  # or "mean", "clip_l", "clip_g"
+    c.stage1.attn_layers = "all"  # or e.g. "mid,up", "0,1,2", "up_blocks_0"
     c.sample.steps = 30
     c.sample.guidance_scale = 5.0
     return c

@@ -88,7 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     # paper's: lambda_emb 1.5e-4, lambda_attn 0.05, the norm hold over steps 120-180; pairwise
     # and hinge off). lambda_emb / lambda_attn were tuned by the authors with the official
     # code's variants; with the paper's attention variant (batch mean) the same lambda_attn is
-    # batch_size times weaker than the code's batch sum.
+    # batch_size times weaker than the code's batch sum. emb_encoders ("joined") and attn_layers
+    # ("all") choose which encoders' states L_emb compares (SDXL has two) and which
+    # cross-attention layers L_attn averages (core_jax/methods/core.py); configs saved before
+    # them read as those defaults.
     c.stage1 = stage_config(
         STAGE1_METHODS, steps=300, batch_size=6, learning_rate=5e-3, weight_decay=1e-2,
     )

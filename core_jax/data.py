@@ -242,6 +242,14 @@ def apply_augment(image: Image.Image, params: AugmentParams, resolution: int) ->
 
     Returns float32 [resolution, resolution, 3] in [-1, 1].
     """
+    return _augment_and_crop(image, params, resolution)[0]
+
+
+def _augment_and_crop(
+    image: Image.Image, params: AugmentParams, resolution: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`apply_augment`'s view and the crop's (top, left) in the resized (rotated, flipped)
+    image it was cut from."""
     img = image.convert("RGB")
     if params.angle != 0.0:
         # Expanded corners are filled with white, like transparent pixels on load: a flat,
@@ -258,7 +266,7 @@ def apply_augment(image: Image.Image, params: AugmentParams, resolution: int) ->
     left = int(params.crop_x * (img.width - resolution + 1))
     top = int(params.crop_y * (img.height - resolution + 1))
     img = img.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0, (top, left)
 
 
 def augment(
@@ -289,8 +297,28 @@ def augmented_views(
     """`num_views` augmented views, cycling through `images` in order.
 
     Returns float32 [num_views, resolution, resolution, 3] in [-1, 1] (NHWC). The same seed
-    gives bitwise the same array.
+    gives bitwise the same array. `augmented_views_with_time_ids` also says where each came from.
     """
+    return augmented_views_with_time_ids(
+        images, num_views, resolution, seed, rotate_p=rotate_p, max_angle=max_angle,
+        flip_p=flip_p,
+    )[0]
+
+
+def augmented_views_with_time_ids(
+    images: Sequence[np.ndarray],
+    num_views: int,
+    resolution: int,
+    seed: int,
+    *,
+    rotate_p: float = ROTATE_P,
+    max_angle: float = MAX_ANGLE,
+    flip_p: float = FLIP_P,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`augmented_views` and each view's SDXL add-time ids, int32 [num_views, 6]: the photo's
+    (height, width) as given, the crop's (top, left) in the photo rotated, resized (shorter
+    side `resolution`) and flipped, and the view's (height, width), as diffusers'
+    train_text_to_image_sdxl.py records them (it flips before it crops, as we do)."""
     if not images:
         raise InputError("No concept images to augment.")
     if num_views < 1 or resolution < 1:
@@ -310,16 +338,12 @@ def augmented_views(
         pils.append(img)
     rng = np.random.default_rng(seed)
     out = np.empty((num_views, resolution, resolution, 3), dtype=np.float32)
+    time_ids = np.empty((num_views, 6), dtype=np.int32)
     for i in range(num_views):
-        out[i] = augment(
-            pils[i % len(pils)],
-            resolution,
-            rng,
-            rotate_p=rotate_p,
-            max_angle=max_angle,
-            flip_p=flip_p,
-        )
-    return out
+        params = sample_augment_params(rng, rotate_p=rotate_p, max_angle=max_angle, flip_p=flip_p)
+        out[i], crop = _augment_and_crop(pils[i % len(pils)], params, resolution)
+        time_ids[i] = (*np.shape(images[i % len(images)])[:2], *crop, resolution, resolution)
+    return out, time_ids
 
 
 # Custom Diffusion's augmentation (diffusers' examples/custom_diffusion/train_custom_diffusion.py,
@@ -332,8 +356,9 @@ CD_FLIP_P = 0.5  # its --hflip
 def zoom_view(
     image: Image.Image, resolution: int, factor: int, rng: np.random.Generator,
     flip_p: float = CD_FLIP_P,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One view as Custom Diffusion's code makes it, and its object region at latent resolution.
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One view as Custom Diffusion's code makes it, its object region at latent resolution,
+    and the crop's (top, left) for SDXL's add-time ids.
 
     The photo is flipped (p = `flip_p`), resized to a square of a random side s (the code
     squashes, it does not crop to a square first): with p 0.66 s in [R/3, R] and the photo is
@@ -342,8 +367,10 @@ def zoom_view(
     (f = the VAE's factor) is all ones for a crop; for a canvas it marks the latent pixels the
     photo covers, less one pixel on each side, as the code's
     `mask[top // f + 1 : (top + s) // f - 1, left // f + 1 : (left + s) // f - 1] = 1`.
+    The crop's (top, left) is where the view was cut from the resized photo; (0, 0) for a
+    canvas, which cuts nothing off (SDXL was never trained on negative crops).
 
-    Returns (float32 [R, R, 3] in [-1, 1], bool [R/f, R/f, 1]).
+    Returns (float32 [R, R, 3] in [-1, 1], bool [R/f, R/f, 1], (top, left)).
     """
     img = image.convert("RGB")
     if rng.random() < flip_p:
@@ -360,14 +387,13 @@ def zoom_view(
     cells = resolution // factor
     if side > resolution:
         view = pixels[top : top + resolution, left : left + resolution]
-        mask = np.ones((cells, cells, 1), bool)
-    else:
-        view = np.zeros((resolution, resolution, 3), np.float32)
-        view[top : top + side, left : left + side] = pixels
-        mask = np.zeros((cells, cells, 1), bool)
-        mask[top // factor + 1 : (top + side) // factor - 1,
-             left // factor + 1 : (left + side) // factor - 1] = True
-    return np.ascontiguousarray(view), mask
+        return np.ascontiguousarray(view), np.ones((cells, cells, 1), bool), (top, left)
+    view = np.zeros((resolution, resolution, 3), np.float32)
+    view[top : top + side, left : left + side] = pixels
+    mask = np.zeros((cells, cells, 1), bool)
+    mask[top // factor + 1 : (top + side) // factor - 1,
+         left // factor + 1 : (left + side) // factor - 1] = True
+    return view, mask, (0, 0)
 
 
 def zoom_views(
@@ -376,16 +402,29 @@ def zoom_views(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`num_views` views by `zoom_view`, cycling through `images` in order: float32
     [N, R, R, 3] in [-1, 1] and their object masks bool [N, R/f, R/f, 1]. The same seed gives
-    bitwise the same arrays."""
+    bitwise the same arrays. `zoom_views_with_time_ids` also says where each came from."""
+    return zoom_views_with_time_ids(images, num_views, resolution, factor, seed, flip_p)[:2]
+
+
+def zoom_views_with_time_ids(
+    images: Sequence[np.ndarray], num_views: int, resolution: int, factor: int, seed: int,
+    flip_p: float = CD_FLIP_P,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`zoom_views` and each view's SDXL add-time ids int32 [N, 6]: the photo's (height,
+    width), the crop's (top, left) (`zoom_view`), the view's (height, width)."""
     if not images:
         raise InputError("No concept images to augment.")
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     rng = np.random.default_rng(seed)
     pils = [Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB") for image in images]
-    views, masks = zip(*(zoom_view(pils[i % len(pils)], resolution, factor, rng, flip_p)
-                         for i in range(num_views)), strict=True)
-    return np.stack(views), np.stack(masks)
+    views, masks, time_ids = [], [], []
+    for i in range(num_views):
+        view, mask, crop = zoom_view(pils[i % len(pils)], resolution, factor, rng, flip_p)
+        views.append(view)
+        masks.append(mask)
+        time_ids.append((*np.shape(images[i % len(images)])[:2], *crop, resolution, resolution))
+    return np.stack(views), np.stack(masks), np.asarray(time_ids, np.int32)
 
 
 # --------------------------------------------------------------------------------------------

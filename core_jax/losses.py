@@ -147,6 +147,51 @@ def core_embedding_loss(
     return jnp.mean(per_example)
 
 
+# How L_emb reads a context made of several text encoders' states side by side (SDXL: CLIP
+# ViT-L's 768 features, then OpenCLIP bigG's 1280).
+EMB_ENCODERS = ("joined", "mean", "clip_l", "clip_g")
+
+
+def encoders_embedding_loss(
+    h_obj: ArrayLike,
+    h_cat: ArrayLike,
+    context_mask: ArrayLike,
+    widths: tuple[int, ...],
+    encoders: str = "joined",
+    variant: Variant = "paper",
+) -> jax.Array:
+    """`core_embedding_loss` on a context whose features are several encoders' side by side.
+
+    Args:
+      h_obj, h_cat, context_mask, variant: as `core_embedding_loss`; D = sum(widths).
+      widths: each encoder's number of features, in the order they are joined.
+      encoders: "joined": L_emb of the whole vectors (one cosine over all D features: the
+        context as the U-Net reads it); "mean": the mean over encoders of each one's L_emb on
+        its own features; "clip_l" / "clip_g": the first / second encoder's L_emb alone (SDXL:
+        CLIP ViT-L / OpenCLIP bigG).
+
+    Returns:
+      Scalar.
+    """
+    if encoders not in EMB_ENCODERS:
+        raise ValueError(f"encoders must be one of {EMB_ENCODERS}, got {encoders!r}")
+    if sum(widths) != jnp.shape(h_obj)[-1]:
+        raise ValueError(f"encoder widths {widths} do not add up to the {jnp.shape(h_obj)[-1]} "
+                         "features of the context")
+    if encoders == "joined":
+        return core_embedding_loss(h_obj, h_cat, context_mask, variant)
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    parts = [(start, start + width) for start, width in zip(starts, widths, strict=True)]
+    if encoders != "mean":
+        if len(widths) != 2:
+            raise ValueError(f"encoders={encoders!r} needs two text encoders (SDXL), got "
+                             f"widths {widths}")
+        parts = [parts[0 if encoders == "clip_l" else 1]]
+    per_encoder = [core_embedding_loss(jnp.asarray(h_obj)[..., a:b], jnp.asarray(h_cat)[..., a:b],
+                                       context_mask, variant) for a, b in parts]
+    return jnp.mean(jnp.stack(per_encoder))
+
+
 def core_attention_loss(
     stats_obj: ArrayLike,
     stats_cat: ArrayLike,

@@ -39,7 +39,8 @@ from core_jax.train.step import init_state, shard_step
 
 DEFAULT_STEPS = 10
 DEFAULT_LEARNING_RATE = 5e-4
-_CORE_KEYS = ("lambda_emb", "lambda_attn", "emb_variant", "attn_variant")
+_CORE_KEYS = ("lambda_emb", "lambda_attn", "emb_variant", "attn_variant", "emb_encoders",
+              "attn_layers")
 
 
 def prompt_template(prompt: str, placeholder: str) -> str:
@@ -106,7 +107,7 @@ class CoreTTO:
         self.text = placeholder_string(concept.placeholder, concept.num_vectors)
         step_models = run_setup.step_models(
             models, self.tokenizer, placeholder_ids,
-            caption_ids(self.tokenizer, self.text, concept.caption), run_config.data.resolution,
+            caption_ids(self.tokenizer, self.text, concept.caption),
         )
         self.program = build_program([self.stage], step_models,
                                      models.schedule.prediction_type)

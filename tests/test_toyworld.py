@@ -177,7 +177,7 @@ def test_pixel_space_model_plugs_into_train_setup():
         concept_scenes(HELD_OUT_IDENTITIES[0], np.random.default_rng(4), 3), 32,
         np.random.default_rng(5),
     ))
-    mean, std = run_setup.latent_pool(config, models, images)
+    mean, std, *_ = run_setup.latent_pool(config, models, images)
     views = augmented_views(
         images, config.data.num_views, 32, config.seed, rotate_p=config.data.rotate_p,
         max_angle=config.data.max_angle, flip_p=config.data.flip_p,

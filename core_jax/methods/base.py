@@ -28,6 +28,13 @@ class Settings:
 
     stage: Mapping[str, Any]  # the stage's config (stage1, stage2, ...), values as plain Python
     prediction_type: str = "epsilon"
+    # The width of each text encoder's part of the context the U-Net reads, in order (SDXL base:
+    # (768, 1280)); empty where no model is given (`core-jax methods`).
+    encoder_widths: tuple[int, ...] = ()
+    # The U-Net's cross-attention layers in the order of their statistics (paths such as
+    # "up_blocks_0/attentions_1/transformer_blocks_0"); a function, as finding them traces the
+    # U-Net. None where no model is given.
+    attention_layers: Callable[[], tuple[str, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

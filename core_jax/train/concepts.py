@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,18 @@ from core_jax.text import (
     tokenize,
 )
 from core_jax.train.state import ConceptData
+
+
+class LatentPool(NamedTuple):
+    """A concept's encoded views: scaled latent mean and std [P, h, w, 4], for views with object
+    masks (`core_jax.train.setup.masked_latent_pool`) those [P, h, w, 1], and each view's SDXL
+    add-time ids [P, 6] (original size, crop top-left, target size) where the pool knows them.
+    A plain (mean, std) or (mean, std, mask) tuple reads as one."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    mask: np.ndarray | None = None
+    time_ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +60,7 @@ def build_concept_data(
     text_params: dict[str, Any],
     placeholder_text: str,
     specs: Sequence[ConceptSpec],
-    latent_pools: Sequence[tuple[np.ndarray, ...]],
+    latent_pools: Sequence[LatentPool | tuple[np.ndarray, ...]],
     *,
     text_encoder_2: nn.Module | None = None,
     text_2_params: dict[str, Any] | None = None,
@@ -59,19 +71,22 @@ def build_concept_data(
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
-    `latent_pools[c]` = (mean, std) [P, h, w, 4] of the concept's encoded views, already scaled,
-    and for views with object masks (`core_jax.train.setup.masked_latent_pool`) their masks
-    [P, h, w, 1] third. The y_cat encodings are computed here, once, with the frozen encoder.
-    SDXL (a second encoder, whose tokenizer pads with `pad_id_2`): y_cat's context is both
-    encoders' as the U-Net reads it, its pooled embeddings are kept, and the super-category's
-    input embedding is both tables' side by side [D1 + D2], as the learned vectors are. For
+    `latent_pools[c]`: the concept's encoded views (`LatentPool`). The y_cat encodings are
+    computed here, once, with the frozen encoder. SDXL (a second encoder, whose tokenizer pads
+    with `pad_id_2`): y_cat's context is both encoders' as the U-Net reads it, its pooled
+    embeddings are kept, the super-category's input embedding is both tables' side by side
+    [D1 + D2], as the learned vectors are, and every pool must carry its views' add-time ids. For
     prior preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated
     class images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded
     here once; `captions[c]`: each concept's own caption, when the caption names the class.
     """
-    with_masks = {len(pool) == 3 for pool in latent_pools}
+    latent_pools = [LatentPool(*pool) for pool in latent_pools]
+    with_masks = {pool.mask is not None for pool in latent_pools}
     if len(with_masks) > 1:
         raise ValueError("latent pools of one pack must all have view masks or none")
+    if text_encoder_2 is not None and any(pool.time_ids is None for pool in latent_pools):
+        raise ValueError("SDXL's concept data needs each view's add-time ids "
+                         "(LatentPool.time_ids)")
     prompts = [
         regularization_prompts(tokenizer, s.templates, placeholder_text, s.super_category)
         for s in specs
@@ -83,7 +98,7 @@ def build_concept_data(
                          for p in prompts])
 
     cat_ids = stack("cat_ids")  # [C, N, T]
-    cat_pooled = None
+    cat_pooled = time_ids = None
 
     def input_embedding(word: str) -> np.ndarray:  # [D], SDXL [D1 + D2]
         embedding = super_category_embedding(tokenizer, text_params, word)
@@ -107,6 +122,7 @@ def build_concept_data(
         encoded = [jax.device_get(encode_sdxl(jnp.asarray(ids))) for ids in cat_ids]
         cat_hidden = np.stack([h for h, _ in encoded])
         cat_pooled = jnp.asarray(np.stack([e for _, e in encoded]))
+        time_ids = jnp.asarray(np.stack([pool.time_ids for pool in latent_pools]), jnp.float32)
     optional = {}
     if class_pools is not None:
         class_hidden = encode(jnp.asarray(tokenize(tokenizer, list(class_prompts))))
@@ -122,9 +138,9 @@ def build_concept_data(
             input_embedding(s.init_word or s.super_category) for s in specs
         ]))
     return ConceptData(
-        latent_mean=jnp.asarray(np.stack([pool[0] for pool in latent_pools]), jnp.float32),
-        latent_std=jnp.asarray(np.stack([pool[1] for pool in latent_pools]), jnp.float32),
-        latent_mask=(jnp.asarray(np.stack([pool[2] for pool in latent_pools]), bool)
+        latent_mean=jnp.asarray(np.stack([pool.mean for pool in latent_pools]), jnp.float32),
+        latent_std=jnp.asarray(np.stack([pool.std for pool in latent_pools]), jnp.float32),
+        latent_mask=(jnp.asarray(np.stack([pool.mask for pool in latent_pools]), bool)
                      if with_masks == {True} else None),
         obj_ids=jnp.asarray(stack("obj_ids")),
         obj_index=jnp.asarray(stack("obj_index")),
@@ -134,5 +150,6 @@ def build_concept_data(
         num_templates=jnp.asarray([len(p) for p in prompts], jnp.int32),
         super_embed=jnp.asarray(np.stack([input_embedding(s.super_category) for s in specs])),
         cat_pooled=cat_pooled,
+        time_ids=time_ids,
         **optional,
     )

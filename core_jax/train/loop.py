@@ -40,7 +40,7 @@ from core_jax.text import (
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.class_pool import ClassPools, pool_spec
-from core_jax.train.concepts import ConceptSpec
+from core_jax.train.concepts import ConceptSpec, LatentPool
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
 from core_jax.train.passes import merged_unet, with_shared
 from core_jax.train.profile import StepProfiler
@@ -146,7 +146,6 @@ class Group:
         step_models = run_setup.step_models(
             models, self.tokenizer, self.placeholder_ids,
             caption_ids(self.tokenizer, self.text, c.caption, super_category=c.super_category),
-            first.data.resolution,
         )
         self.stages = stage_names(first)
         self.ends = stage_ends(first)
@@ -186,9 +185,9 @@ class Group:
         slots its devices hold; the rest are placeholders it never sends."""
         m, me, first = self.env.models, jax.process_index(), slots[0].config
         empty = np.zeros((first.data.num_views, *latent_size(first, m)), np.float32)
-        placeholder = (empty, empty)
+        placeholder = LatentPool(empty, empty, time_ids=np.zeros((len(empty), 6), np.int32))
         if run_setup.augmentation_of(first) == "custom_diffusion":
-            placeholder += (np.zeros(empty.shape[:-1] + (1,), bool),)
+            placeholder = placeholder._replace(mask=np.zeros(empty.shape[:-1] + (1,), bool))
         pools = [
             run_setup.view_pool(r.config, m, run_setup.concept_images(r.config))
             if me in hosts[c][0] else placeholder

@@ -37,12 +37,14 @@ one call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
@@ -65,12 +67,21 @@ class StepModels:
     unet: nn.Module
     caption_ids: tuple[int, ...]  # [T] "a photo of a S*"
     placeholder_ids: tuple[int, ...]  # [V] ids of the V placeholder tokens
-    # SDXL: the second text encoder, its tokenizer's end-of-text and padding ids, and the
-    # add-time ids of every row (original size, crop top-left, target size). None: SD 1.x/2.x.
+    # SDXL: the second text encoder and its tokenizer's end-of-text and padding ids (each row's
+    # add-time ids come with its view, `ConceptData.time_ids`). None: SD 1.x/2.x.
     text_encoder_2: nn.Module | None = None
     eos_id: int = 49407
     pad_id_2: int = 0
-    time_ids: tuple[float, ...] | None = None
+
+    @property
+    def encoder_widths(self) -> tuple[int, ...]:
+        """Each text encoder's width in the context, in order (SDXL: encoder 1's first)."""
+        encoders = [self.text_encoder, self.text_encoder_2]
+        return tuple(e.config.hidden_size for e in encoders if e is not None)
+
+    def attention_layers(self) -> tuple[str, ...]:
+        """The U-Net's cross-attention layers, in the order of their statistics."""
+        return cross_attention_layers(self.unet)
 
     def encode(
         self, frozen: dict[str, Any], ids: jax.Array, learned: jax.Array | None,
@@ -86,6 +97,25 @@ class StepModels:
                                         ids_2, learned, slots)
 
 
+@functools.cache
+def cross_attention_layers(unet: nn.Module) -> tuple[str, ...]:
+    """The paths of `unet`'s cross-attention layers ("down_blocks_1/attentions_0/
+    transformer_blocks_0", ...; diffusers' module names) in the order `cross_attention_stats`
+    stacks their statistics. Found by tracing an init (`jax.eval_shape`: nothing computed)."""
+    sown = jax.eval_shape(
+        lambda: unet.init(jax.random.key(0), **unet.config.example_inputs()))["attn_stats"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(sown)
+    # Each statistic replaced by its leaf number: cross_attention_stats says their order.
+    numbered = jax.tree_util.tree_unflatten(
+        treedef, [np.full(leaf.shape, k, np.int32) for k, (_, leaf) in enumerate(leaves)])
+    order = np.asarray(cross_attention_stats({"attn_stats": numbered}))
+    paths = []
+    for k in order.reshape(len(order), -1)[:, 0]:
+        keys = [entry.key for entry in leaves[k][0] if isinstance(entry, jax.tree_util.DictKey)]
+        paths.append("/".join(keys[: keys.index("attn2")]))
+    return tuple(paths)
+
+
 @flax.struct.dataclass
 class Batch:
     """What one step draws; rows are concept-major (B = C_l * b_l)."""
@@ -99,6 +129,7 @@ class Batch:
     prior_noise: jax.Array | None = None
     prior_timesteps: jax.Array | None = None
     mask: jax.Array | None = None  # [B, h, w, 1] bool: the row's view's object region, if any
+    time_ids: jax.Array | None = None  # [B, 6] SDXL: the row's view's add-time ids
 
 
 # Folded into a concept's row key for its class rows: they draw nothing its photo rows draw.
@@ -145,8 +176,10 @@ def draw_batch(
     )
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     mask = None if data.latent_mask is None else flat(take_rows(data.latent_mask))
+    time_ids = None if data.time_ids is None else flat(take_rows(data.time_ids))
     if data.class_mean is None:
-        return Batch(flat(x0), flat(noise), flat(timesteps), template, mask=mask)
+        return Batch(flat(x0), flat(noise), flat(timesteps), template, mask=mask,
+                     time_ids=time_ids)
     class_size = data.class_mean.shape[1]
     view, latent_eps, prior_t, prior_noise = jax.vmap(
         lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
@@ -155,7 +188,7 @@ def draw_batch(
     prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
                 + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
     return Batch(flat(x0), flat(noise), flat(timesteps), template, flat(prior_x0),
-                 flat(prior_noise), flat(prior_t), mask)
+                 flat(prior_noise), flat(prior_t), mask, time_ids)
 
 
 # What each computation needs computed first (beyond the batch and the constants).
@@ -287,9 +320,10 @@ class Passes:
         pooled: list[jax.Array] | None = None,
     ) -> list[tuple]:
         """The U-Net once per context [C_l, T, D] (every row of a concept takes its concept's
-        context; SDXL: and its pooled embedding [C_l, P]), all in one call, on this step's
-        noisy latents or, where `inputs[k]` is given, on those (noisy latents
-        [C_l, b_l, ...], timesteps [C_l, b_l]). Returns per context (prediction
+        context; SDXL: and its pooled embedding [C_l, P], and every row its view's add-time
+        ids), all in one call, on this step's noisy latents or, where `inputs[k]` is given, on
+        those (noisy latents [C_l, b_l, ...], timesteps [C_l, b_l]; not on SDXL, whose
+        add-time ids come with this step's views). Returns per context (prediction
         [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
@@ -297,12 +331,12 @@ class Passes:
         xs, ts = zip(*[own if i is None else i for i in (inputs or [None] * n)], strict=True)
         per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
         if pooled is not None:  # SDXL: the pooled embedding and add-time ids ride with the context
-            time_ids = jnp.asarray(self.models.time_ids, jnp.float32)
-            per_row = [
-                (c, jnp.broadcast_to(e[:, None], (concepts, rows) + e.shape[1:]),
-                 jnp.broadcast_to(time_ids, (concepts, rows, time_ids.shape[0])))
-                for c, e in zip(per_row, pooled, strict=True)
-            ]
+            if inputs is not None and any(i is not None for i in inputs):
+                raise ValueError("SDXL's U-Net passes read the add-time ids of this step's "
+                                 "views; other inputs have none")
+            time_ids = self.per_concept(b.time_ids)  # [C_l, b_l, 6]
+            per_row = [(c, jnp.broadcast_to(e[:, None], (concepts, rows) + e.shape[1:]), time_ids)
+                       for c, e in zip(per_row, pooled, strict=True)]
         mutable = ["attn_stats"] if with_stats else False
 
         def apply(params: Any, x: jax.Array, t: jax.Array, ctx: Any):

@@ -44,7 +44,7 @@ from core_jax.text import (
     super_category_ids,
     tokenize,
 )
-from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.concepts import ConceptSpec, LatentPool, build_concept_data
 from core_jax.train.passes import StepModels
 from core_jax.train.stages import check_stage, stage_names
 from core_jax.train.state import ConceptData
@@ -297,16 +297,14 @@ def concept_text(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) ->
 
 def step_models(
     models: Models, tokenizer: CLIPTokenizer, placeholder_ids: Sequence[int],
-    caption: Sequence[int], resolution: int,
+    caption: Sequence[int],
 ) -> StepModels:
-    """What a step program is built around. SDXL: the second encoder, the tokenizers' ids it
-    needs and every row's add-time ids (a `resolution` square, uncropped: the views are resized
-    to it)."""
+    """What a step program is built around. SDXL: the second encoder and the tokenizers' ids it
+    needs (each row's add-time ids come with its view, `LatentPool.time_ids`)."""
     sdxl = {}
     if models.text_encoder_2 is not None:
         sdxl = dict(text_encoder_2=models.text_encoder_2, eos_id=tokenizer.eos_token_id,
-                    pad_id_2=models.tokenizer_2.pad_token_id,
-                    time_ids=(resolution, resolution, 0, 0, resolution, resolution))
+                    pad_id_2=models.tokenizer_2.pad_token_id)
     return StepModels(models.text_encoder, models.unet, tuple(int(i) for i in caption),
                       tuple(int(i) for i in placeholder_ids), **sdxl)
 
@@ -334,8 +332,7 @@ def sampling_pipeline(
 
 def concept_data(
     models: Models, tokenizer: CLIPTokenizer, placeholder_text: str,
-    specs: Sequence[ConceptSpec], latent_pools: Sequence[tuple[np.ndarray, np.ndarray]],
-    **prior: Any,
+    specs: Sequence[ConceptSpec], latent_pools: Sequence[LatentPool], **prior: Any,
 ) -> ConceptData:
     """`build_concept_data` with the run's encoders (both, for SDXL); `prior`: its class
     pools, class prompts and captions, when a stage preserves the prior."""
@@ -383,36 +380,40 @@ def encode_latent_pool(
 
 def latent_pool(
     config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """CoRe's augmentation applied `data.num_views` times, then encoded: (mean, std)."""
+) -> LatentPool:
+    """CoRe's augmentation applied `data.num_views` times, then encoded: mean, std and each
+    view's add-time ids."""
     check_resolution(config, models)
     resolution = config.data.resolution
-    views = image_data.augmented_views(
+    views, time_ids = image_data.augmented_views_with_time_ids(
         images, config.data.num_views, resolution, config.seed,
         rotate_p=config.data.rotate_p, max_angle=config.data.max_angle,
         flip_p=config.data.flip_p,
     )
-    return encode_latent_pool(models.vae, models.params["vae"], views)
+    mean, std = encode_latent_pool(models.vae, models.params["vae"], views)
+    return LatentPool(mean, std, time_ids=time_ids)
 
 
 def masked_latent_pool(
     config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> LatentPool:
     """Custom Diffusion's zoom augmentation (`core_jax.data.zoom_views`) applied
-    `data.num_views` times, then encoded: (mean, std, object masks [P, h, w, 1])."""
+    `data.num_views` times, then encoded: mean, std, object masks [P, h, w, 1] and each
+    view's add-time ids."""
     check_resolution(config, models)
-    views, masks = image_data.zoom_views(
+    views, masks, time_ids = image_data.zoom_views_with_time_ids(
         images, config.data.num_views, config.data.resolution, vae_factor(models.vae),
         config.seed, flip_p=config.data.flip_p,
     )
-    return (*encode_latent_pool(models.vae, models.params["vae"], views), masks)
+    mean, std = encode_latent_pool(models.vae, models.params["vae"], views)
+    return LatentPool(mean, std, masks, time_ids)
 
 
 def view_pool(
     config: ml_collections.ConfigDict, models: Models, images: list[np.ndarray]
-) -> tuple[np.ndarray, ...]:
-    """The run's latent pool as `data.augmentation` makes it: (mean, std) for CoRe's, with the
-    object masks third for Custom Diffusion's."""
+) -> LatentPool:
+    """The run's latent pool as `data.augmentation` makes it: CoRe's, or Custom Diffusion's
+    with object masks."""
     if augmentation_of(config) == "custom_diffusion":
         return masked_latent_pool(config, models, images)
     return latent_pool(config, models, images)

@@ -108,7 +108,8 @@ def build_program(
     """The program of one stage for packed runs whose configs of that stage are `stages` (equal
     but for their numbers). A weighted term is present when any run weights it."""
     first = stages[0]
-    settings = Settings(_plain(first), prediction_type)
+    settings = Settings(_plain(first), prediction_type, models.encoder_widths,
+                        models.attention_layers)
     terms: dict[str, Term] = {}
     hooks, trains = [], {}
     for method in stage_methods(first):

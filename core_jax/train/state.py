@@ -40,9 +40,11 @@ class ConceptData:
     cat_hidden: jax.Array  # [C, N, T, D] frozen encodings of y_cat (constant targets)
     num_templates: jax.Array  # [C] int32, templates in use (the rest is padding)
     super_embed: jax.Array  # [C, D] input embedding of the super-category word
-    # SDXL: the frozen pooled text embeddings of y_cat (the U-Net's added conditioning); None
-    # for SD 1.x/2.x.
+    # SDXL: the frozen pooled text embeddings of y_cat and each view's add-time ids (original
+    # size, crop top-left, target size: `core_jax.data.augmented_views_with_time_ids`), the
+    # U-Net's added conditioning; None for SD 1.x/2.x.
     cat_pooled: jax.Array | None = None  # [C, N, P]
+    time_ids: jax.Array | None = None  # [C, P, 6] float32
     # Prior preservation (DreamBooth, `core_jax/methods/prior.py`): the pool of class images the
     # frozen model generated (`core_jax/train/class_pool.py`), encoded as the views are, and the
     # frozen encoding of the class prompt. None (no leaves, nothing drawn) when no stage needs them.

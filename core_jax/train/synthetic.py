@@ -26,7 +26,7 @@ from core_jax.text import (
     load_tokenizer,
     placeholder_string,
 )
-from core_jax.train.concepts import ConceptSpec, build_concept_data
+from core_jax.train.concepts import ConceptSpec, LatentPool, build_concept_data
 from core_jax.train.passes import StepModels, with_shared
 from core_jax.train.stages import build_program, stage_numbers, stage_params
 from core_jax.train.state import ConceptData, TrainState, stage_keys
@@ -89,12 +89,14 @@ def random_setup(
         for c in range(num_concepts)
     ]
     rng = np.random.default_rng(seed)
+    side = size * 2 ** (len(shapes.vae.block_out_channels) - 1)
+    uncropped = np.tile(np.asarray([side, side, 0, 0, side, side], np.int32), (pool_size, 1))
     pools = [
-        (rng.standard_normal((pool_size, size, size, 4)).astype(np.float32),
-         np.full((pool_size, size, size, 4), 0.05, np.float32))
+        LatentPool(rng.standard_normal((pool_size, size, size, 4)).astype(np.float32),
+                   np.full((pool_size, size, size, 4), 0.05, np.float32), time_ids=uncropped)
         for _ in specs
     ]
-    sdxl = {}  # SDXL presets: the second encoder, "!" padding (id 0), 1:1 add-time ids
+    sdxl = {}  # SDXL presets: the second encoder, "!" padding (id 0); views uncropped squares
     if models.text_encoder_2 is not None:
         sdxl = dict(text_encoder_2=models.text_encoder_2, pad_id_2=0)
     prior: dict[str, Any] = {}
@@ -114,8 +116,7 @@ def random_setup(
         values = {"learning_rate": 5e-3, **stage, **((per_run or [{}] * num_concepts)[c])}
         stages.append(stage_config(methods, **values))
     if sdxl:
-        side = size * 2 ** (len(shapes.vae.block_out_channels) - 1)
-        sdxl.update(eos_id=tokenizer.eos_token_id, time_ids=(side, side, 0, 0, side, side))
+        sdxl.update(eos_id=tokenizer.eos_token_id)
     step_models = StepModels(
         models.text_encoder, models.unet,
         tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids), **sdxl,
