@@ -53,6 +53,10 @@ def test_one_compilation_per_group_and_every_run_written(finished_sweep):
     # Read from the programs' jit caches: per group one program per stage, each compiled once.
     assert [g["compilations"] for g in summary["groups"]] == [[1, 1], [1, 1]]
     assert summary["mesh"] == {"concept": 4, "data": 2}
+    # What compiling cost, from JAX's monitoring events (the cache is the test session's).
+    compiling = summary["compile"]
+    assert compiling["programs"] > 0 and compiling["compile_s"] > 0
+    assert compiling["cache_hits"] + compiling["cache_misses"] > 0
     rows = (finished_sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 17
     for result in summary["results"]:
