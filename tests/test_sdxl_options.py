@@ -391,6 +391,16 @@ def test_the_attn_term_averages_the_chosen_layers(xl, xl_passes):
             term(bad)
 
 
+def test_a_choice_the_model_cannot_meet_fails_before_the_run_writes(xl):
+    """`core-jax train` builds each stage against the loaded model before it writes its
+    workdir: a bad attn_layers stops there."""
+    config = copy.deepcopy(xl["config"])
+    run_setup.check_stages_on_model(config, xl["models"])
+    config.stage1.attn_layers = "mid,sideways"
+    with pytest.raises(InputError, match="'sideways' names none of the U-Net's 17"):
+        run_setup.check_stages_on_model(config, xl["models"])
+
+
 # --- 4. The keys in configs ---------------------------------------------------------------------
 
 

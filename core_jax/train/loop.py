@@ -568,6 +568,7 @@ def train(
     run_setup.concept_text(config, copy.deepcopy(tokenizer))  # before the weights: faster to fail
     models = run_setup.load_models(config, tokenizer)
     run_setup.check_resolution(config, models)
+    run_setup.check_stages_on_model(config, models)
     mesh, mesh_line = fit_mesh(1, [config[s].batch_size for s in stage_names(config)])
     if len(mesh.devices.flat) < jax.device_count():
         print(mesh_line)

@@ -46,7 +46,7 @@ from core_jax.text import (
 )
 from core_jax.train.concepts import ConceptSpec, LatentPool, build_concept_data
 from core_jax.train.passes import StepModels
-from core_jax.train.stages import check_stage, stage_names
+from core_jax.train.stages import build_program, check_stage, stage_names
 from core_jax.train.state import ConceptData
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -242,6 +242,16 @@ def check_resolution(config: ml_collections.ConfigDict, models: Models) -> None:
             f"data.resolution {config.data.resolution} is not a multiple of the VAE's factor "
             f"{factor} (the model was trained at {expected})"
         )
+
+
+def check_stages_on_model(config: ml_collections.ConfigDict, models: Models) -> None:
+    """Each stage's methods built against the model (its text encoders, its cross-attention
+    layers), so a choice the model cannot meet (`stage1.emb_encoders="clip_g"` with one text
+    encoder, `stage1.attn_layers` naming no layer) fails in one line before anything is
+    written."""
+    step = StepModels(models.text_encoder, models.unet, (), (), models.text_encoder_2)
+    for name in stage_names(config):
+        build_program([config[name]], step, models.schedule.prediction_type)
 
 
 def concept_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
