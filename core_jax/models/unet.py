@@ -26,6 +26,7 @@ from core_jax.models.layers import (
     conv1x1,
     conv3x3,
 )
+from core_jax.models.remat import remat
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -482,11 +483,11 @@ class UNet2DConditionModel(nn.Module):
 
 
 def _rematted(
-    module: type[nn.Module], remat: bool, policy: Any = None
+    module: type[nn.Module], rematerialize: bool, policy: Any = None
 ) -> type[nn.Module]:
-    """`module`, or `nn.remat(module)` with `policy`: the backward pass recomputes its
-    activations instead of storing them. Same parameter names either way."""
-    return nn.remat(module, policy=policy) if remat else module
+    """`module`, or `remat(module, policy)`: the backward pass recomputes its activations
+    instead of storing them. Same parameter names either way."""
+    return remat(module, policy) if rematerialize else module
 
 
 def cross_attention_stats(variables: dict, kind: str = "mean") -> jax.Array:
