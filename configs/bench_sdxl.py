@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "tiny_sdxl"
     c.dtype = "float32"  # JAX's compute dtype (parameters stay float32); bfloat16 on accelerators
+    # The U-Net's attention implementation and rematerialization, as a run's model.attention
+    # and model.remat (core_jax.config): "auto" / "none" unless measuring them.
+    c.attention = "auto"
+    c.remat = "none"
     c.batch = 2  # rows per step (one concept)
     c.steps = 5  # timed steps per variant, after the first call and `warmup` more
     c.warmup = 1

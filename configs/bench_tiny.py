@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX's compute dtype (parameters stay float32); "bfloat16" on accelerators. PyTorch's side
     # (--vs-torch) stays float32.
     c.dtype = "float32"
+    # The U-Net's attention implementation and rematerialization, as a run's model.attention
+    # and model.remat (core_jax.config): "auto" / "none" unless measuring them.
+    c.attention = "auto"
+    c.remat = "none"
     c.batch = 2  # rows per step (one concept)
     c.steps = 10  # timed steps per variant, after the first call and `warmup` more
     c.warmup = 1

@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = "sd15"  # used when path is empty: random weights (tiny, bench_small, ...)
     c.model.allow_pickle = False  # refuse .bin weights unless the user trusts them
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay fp32)
+    # How attention is computed (auto, explicit, chunked, xla, cudnn; "auto" picks by backend)
+    # and what the U-Net's backward pass recomputes instead of storing (none, transformer_block,
+    # unet_block, dots_saveable). Neither changes the numbers, only time and memory.
+    c.model.attention = "auto"
+    c.model.remat = "none"
 
     # The concept: photos and what it is.
     c.concept = ml_collections.ConfigDict()
@@ -159,4 +164,6 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     for name, stage in saved.items():
         if name.startswith("stage") and isinstance(stage, dict):
             stage.setdefault("shard_state", STAGE_KEYS["shard_state"])
+    saved.setdefault("model", {}).setdefault("attention", "auto")
+    saved["model"].setdefault("remat", "none")
     return saved

@@ -95,13 +95,15 @@ def variant_stage(variant: str) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 def build_setup(
-    preset: str, batch: int, concepts: int = 1, dtype: str = "float32"
+    preset: str, batch: int, concepts: int = 1, dtype: str = "float32",
+    attention: str = "auto", remat: str = "none",
 ) -> Setup:
     """Random-weight models and concept data shared by every variant of one run, `batch` rows
-    per concept; `dtype` is the compute dtype (parameters stay float32, as in training)."""
+    per concept; `dtype` is the compute dtype (parameters stay float32, as in training);
+    `attention` and `remat` the U-Net's, as `config.model`'s keys of a run."""
     return random_setup(
         preset, num_concepts=concepts, dtype=dtype, methods=STAGE1_METHODS, batch_size=batch,
-        **stage1_keys("core_all"),
+        attention=attention, remat=remat, **stage1_keys("core_all"),
     )
 
 

@@ -93,7 +93,10 @@ def main(argv: list[str]) -> None:
     variants = _split(config.variants if _VARIANTS.value is None else _VARIANTS.value)
     scaling = _split(config.scaling.concepts) if _SCALING.value else []
     concepts = max([int(c) for c in scaling] or [1])
-    setup = bench.build_setup(config.preset, config.batch, concepts, config.dtype)
+    setup = bench.build_setup(
+        config.preset, config.batch, concepts, config.dtype,
+        config.get("attention", "auto"), config.get("remat", "none"),
+    )
     results = bench.run_suite(
         config.preset, variants, batch=config.batch, steps=config.steps, warmup=config.warmup,
         vs_torch=_VS_TORCH.value, torch_threads=config.torch_threads or None,
@@ -101,8 +104,9 @@ def main(argv: list[str]) -> None:
         sample_chains=config.sample.chains,
         setup=setup, peak_flops=peak, emit=emit,
     )
-    report(f"{config.preset}, batch {config.batch}, {config.steps} steps, JAX in {config.dtype}",
-           results)
+    options = f", remat {config.remat}" if config.get("remat", "none") != "none" else ""
+    report(f"{config.preset}, batch {config.batch}, {config.steps} steps, JAX in {config.dtype}"
+           f"{options}", results)
     if scaling:
         scaled = bench.run_scaling(
             config.preset, [int(c) for c in scaling], variant=config.scaling.variant,

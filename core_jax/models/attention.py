@@ -1,19 +1,29 @@
 """Scaled dot-product attention on [B, N, H, D] tensors (queries, keys and values).
 
-Two ways to compute the same function:
+Implementations of the same function (`IMPLEMENTATIONS`, chosen per module by a field that
+`config.model.attention` sets):
 
-- `attention_probabilities` / `explicit_attention`: the whole [B, H, N, T] probability map. Cross-
-  attention uses it (77 keys are cheap, and the regularizers read the probabilities).
-- `chunked_attention`: flash-style, for long self-attention on CPU. Queries are processed in
-  chunks of 64 and batch x head groups a few at a time, under `lax.map`/`lax.scan`, so each
-  step's score block (about 4 MB) stays in cache instead of streaming 200 MB maps through
+- "explicit" (`attention_probabilities` / `explicit_attention`): the whole [B, H, N, T]
+  probability map.
+- "chunked" (`chunked_attention`): flash-style, for long self-attention on CPU. Queries are
+  processed in chunks of 64 and batch x head groups a few at a time, under `lax.map`/`lax.scan`,
+  so each step's score block (about 4 MB) stays in cache instead of streaming 200 MB maps through
   memory; the backward pass (its own `custom_vjp`) recomputes the probabilities from the saved
   log-sum-exp instead of storing them. Every matrix product is a plain row-major
   `[G, M, K] @ [G, K, N]` (G = batch x heads leading), the one layout XLA:CPU hands to its fast
   dot library: both passes work on transposed score blocks (keys on rows) to keep it so.
+- "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation (cuDNN's fused
+  flash attention takes fp16/bf16 only, head dims a multiple of 8 up to 128, or 256 from
+  Hopper on).
+- "auto": chunked on CPU when there are several chunks of queries (explicit for short
+  sequences, where it is as fast); on CUDA GPUs cuDNN where it applies, else XLA's; XLA's on
+  TPU and elsewhere.
 
-`dot_product_attention` picks: chunked on the CPU backend, explicit elsewhere (GPU/TPU compilers
-fuse the explicit form well, and a sequential chunk loop would only serialize them).
+Cross-attention layers that record per-token statistics for the regularizers use
+`attention_with_stats`: the explicit form under "explicit", otherwise the statistics and the
+output are computed together over blocks of queries (`blockwise_attention_with_stats`), whose
+probabilities are recomputed in the backward pass, so no more than one block of the
+[B, H, N, T] map is ever held.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ CHUNK = 64
 # block is about 4 MB (16 groups at T = 1024): it stays in the cores' L2 across the step's
 # five or so passes. Measured at 1024 tokens: 25-40 % less fwd+bwd time than all groups at once.
 _BLOCK_ELEMENTS = 1 << 20
+# Scores per block of the statistics-recording form off CPU (64 MB in fp32): large enough that
+# SD-sized cross-attention runs in one or a few blocks, so the loop costs the GPU/TPU nothing.
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 24
+IMPLEMENTATIONS = ("auto", "explicit", "chunked", "xla", "cudnn")
 _EXPLICIT_ONLY = contextvars.ContextVar("explicit_attention_only", default=False)
 
 
@@ -97,14 +111,103 @@ def chunked_attention(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False,
+    implementation: str = "auto",
 ) -> jax.Array:
-    """softmax(q k^T * scale) v as [B, N, H, D]: chunked on CPU when there are several chunks
-    of queries, explicit elsewhere (and for short sequences, where it is as fast)."""
-    chunked = jax.default_backend() == "cpu" and not _EXPLICIT_ONLY.get()
-    if chunked and q.shape[1] > CHUNK:
+    """softmax(q k^T * scale) v as [B, N, H, D] by `implementation` (see the module docstring)."""
+    chosen = resolve_implementation(implementation, q, k)
+    if chosen == "chunked":
         return chunked_attention(q, k, v, scale)
+    if chosen in ("xla", "cudnn"):
+        # Both keep the scores and the softmax in fp32 whatever q's dtype: `upcast` holds.
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=chosen)
     return explicit_attention(q, k, v, scale, upcast)
+
+
+def resolve_implementation(implementation: str, q: jax.Array, k: jax.Array) -> str:
+    """The implementation `implementation` means for these operands on this backend."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; choose one of "
+            f"{', '.join(IMPLEMENTATIONS)}"
+        )
+    if _EXPLICIT_ONLY.get():
+        return "explicit"
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "chunked" if q.shape[1] > CHUNK else "explicit"
+    if backend == "gpu" and cudnn_applies(q, k):
+        return "cudnn"
+    return "xla"
+
+
+def cudnn_applies(q: jax.Array, k: jax.Array) -> bool:
+    """Whether cuDNN's fused attention takes these operands on this machine's first device:
+    a CUDA GPU, fp16/bf16, a head dim that is a multiple of 8 and at most 128 (256 from compute
+    capability 9.0 on), as jax's `check_is_flash_attention` requires."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+        return False
+    device = jax.devices()[0]
+    try:
+        capability = float(getattr(device, "compute_capability", ""))
+    except ValueError:  # not a CUDA device (ROCm names its targets gfx...)
+        return False
+    head_dim = q.shape[-1]
+    return head_dim % 8 == 0 and head_dim <= (256 if capability >= 9.0 else 128)
+
+
+def attention_with_stats(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Output [B, N, H, D] and the mean and variance [B, T] of each key's probability over heads
+    and queries. "explicit" reads them off the whole map; any other implementation computes
+    them blockwise with the output (`blockwise_attention_with_stats`): on CPU in blocks of
+    `CHUNK` queries, elsewhere in blocks of up to `_ACCELERATOR_BLOCK_ELEMENTS` scores."""
+    chosen = resolve_implementation(implementation, q, k)
+    if chosen == "explicit":
+        probs = attention_probabilities(q, k, scale, upcast)  # [B, H, N, T]
+        mean = jnp.mean(probs, axis=(1, 2))
+        var = jnp.mean(jnp.square(probs), axis=(1, 2)) - jnp.square(mean)
+        return weighted_values(probs, v), mean, var
+    chunk = CHUNK
+    if jax.default_backend() != "cpu":
+        per_query = q.shape[0] * q.shape[2] * k.shape[1]
+        chunk = max(CHUNK, _ACCELERATOR_BLOCK_ELEMENTS // per_query)
+    return blockwise_attention_with_stats(q, k, v, scale, upcast, chunk)
+
+
+def blockwise_attention_with_stats(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, upcast: bool = False,
+    chunk: int = CHUNK,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`attention_with_stats` over blocks of `chunk` queries under `lax.map`: each block's
+    probabilities give its output and its per-key sums of p and p^2 (zero-padded queries
+    masked out), and are recomputed in the backward pass (`jax.checkpoint`), so only one
+    [B, H, chunk, T] block is live at a time."""
+    batch, n_q, heads, dim = q.shape
+    chunk = min(chunk, n_q)
+    n_chunks = -(-n_q // chunk)
+    padded = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - n_q), (0, 0), (0, 0)))
+    q_chunks = padded.reshape(batch, n_chunks, chunk, heads, dim).swapaxes(0, 1)
+    real = (jnp.arange(n_chunks * chunk) < n_q).reshape(n_chunks, chunk)
+
+    @jax.checkpoint
+    def block(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q_c, real_c = xs
+        probs = attention_probabilities(q_c, k, scale, upcast)  # [B, H, chunk, T]
+        counted = probs * real_c[None, None, :, None]
+        return (weighted_values(probs, v), jnp.sum(counted, axis=(1, 2)),
+                jnp.sum(counted * probs, axis=(1, 2)))
+
+    out, sums, square_sums = jax.lax.map(block, (q_chunks, real))
+    out = out.swapaxes(0, 1).reshape(batch, n_chunks * chunk, heads, dim)[:, :n_q]
+    count = heads * n_q
+    mean = jnp.sum(sums, axis=0) / count
+    var = jnp.sum(square_sums, axis=0) / count - jnp.square(mean)
+    return out, mean, var
 
 
 def _group_chunk(groups: int, chunk: int, num_keys: int) -> int:

@@ -10,11 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from core_jax.models.attention import (
-    attention_probabilities,
-    dot_product_attention,
-    weighted_values,
-)
+from core_jax.models.attention import attention_with_stats, dot_product_attention
 
 
 def conv3x3(features: int, name: str, dtype: jnp.dtype, strides: int = 1) -> nn.Conv:
@@ -120,6 +116,7 @@ class Attention(nn.Module):
     As cross-attention it records, through `sow` into the `attn_stats` collection, the mean and
     variance of each key token's softmax probability over heads and query positions ([B, T]).
     The CoRe and AttnDreamBooth regularizers read these; full maps are never kept.
+    `implementation` is the attention's (`core_jax.models.attention.IMPLEMENTATIONS`).
     With `group_norm_groups` it is the VAE's spatial self-attention: [B, H, W, C] in, group norm
     first and a residual connection, as diffusers' `Attention(norm_num_groups=...,
     residual_connection=True)`.
@@ -132,6 +129,7 @@ class Attention(nn.Module):
     upcast_attention: bool = False
     record_stats: bool = False
     group_norm_groups: int | None = None
+    implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -155,14 +153,14 @@ class Attention(nn.Module):
         v = v.reshape(batch, v.shape[1], self.heads, self.head_dim)
         scale = self.head_dim**-0.5
         if self.record_stats:
-            # Explicit probabilities: the regularizer reads them, and 77 keys are cheap.
-            probs = attention_probabilities(q, k, scale, self.upcast_attention)  # [B, H, N, T]
-            mean = jnp.mean(probs, axis=(1, 2))
-            var = jnp.mean(jnp.square(probs), axis=(1, 2)) - jnp.square(mean)
+            out, mean, var = attention_with_stats(
+                q, k, v, scale, self.upcast_attention, self.implementation
+            )
             self.sow("attn_stats", "mean", mean)
             self.sow("attn_stats", "var", var)
-            out = weighted_values(probs, v)
         else:
-            out = dot_product_attention(q, k, v, scale, self.upcast_attention)
+            out = dot_product_attention(
+                q, k, v, scale, self.upcast_attention, self.implementation
+            )
         out = out.reshape(batch, n_q, inner)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out)

@@ -26,6 +26,7 @@ from core_jax.models.layers import (
     conv1x1,
     conv3x3,
 )
+from core_jax.models.remat import remat
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -59,6 +60,10 @@ _UNSUPPORTED_IF_NOT = {
 ADDITION_EMBED_TYPES = (None, "text_time")
 # SDXL's add-time ids per image: original (h, w), crop top-left (y, x), target (h, w).
 NUM_TIME_IDS = 6
+# Rematerialization (`config.model.remat`): which modules' activations the backward pass
+# recomputes instead of storing, and the `jax.checkpoint` policy of what they may still keep.
+# "dots_saveable" remats the U-Net blocks but keeps their matrix products (not convolutions).
+REMAT_POLICIES = ("none", "transformer_block", "unet_block", "dots_saveable")
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -232,6 +237,7 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     upcast_attention: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -241,7 +247,8 @@ class BasicTransformerBlock(nn.Module):
         def attention(name: str, record_stats: bool) -> Attention:
             return Attention(
                 self.heads, self.head_dim, self.dim, upcast_attention=self.upcast_attention,
-                record_stats=record_stats, dtype=self.dtype, name=name,
+                record_stats=record_stats, implementation=self.attention, dtype=self.dtype,
+                name=name,
             )
 
         x = x + attention("attn1", False)(norm("norm1")(x))
@@ -259,6 +266,8 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -269,10 +278,11 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(batch, -1, channels))
         else:
             h = conv1x1(inner, "proj_in", self.dtype)(h).reshape(batch, -1, inner)
+        block = _rematted(BasicTransformerBlock, self.remat == "transformer_block")
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(
+            h = block(
                 inner, self.heads, self.head_dim, self.upcast_attention, self.dtype,
-                name=f"transformer_blocks_{i}",
+                self.attention, name=f"transformer_blocks_{i}",
             )(h, context)
         if self.use_linear_projection:
             h = nn.Dense(channels, dtype=self.dtype, name="proj_out")(h)
@@ -305,6 +315,8 @@ class _BlockSettings(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
+    remat: str = "none"
 
     def resnet(self, name: str) -> ResnetBlock2D:
         return ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype, name=name)
@@ -312,7 +324,8 @@ class _BlockSettings(nn.Module):
     def transformer(self, name: str) -> Transformer2DModel:
         return Transformer2DModel(
             self.heads, self.channels // self.heads, self.transformer_layers, self.groups,
-            self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
+            self.use_linear_projection, self.upcast_attention, self.dtype, self.attention,
+            self.remat, name=name,
         )
 
 
@@ -376,6 +389,10 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    # `core_jax.models.attention.IMPLEMENTATIONS` and `REMAT_POLICIES`: how it computes, not
+    # what; the parameters and the function are the same for every value.
+    attention: str = "auto"
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -387,11 +404,21 @@ class UNet2DConditionModel(nn.Module):
         time_ids: jax.Array | None = None,
     ) -> jax.Array:
         c = self.config
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat policy {self.remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}"
+            )
         channels = c.block_out_channels
         n_blocks = len(channels)
         common = dict(
             groups=c.norm_num_groups, eps=c.norm_eps, use_linear_projection=c.use_linear_projection,
-            upcast_attention=c.upcast_attention, dtype=self.dtype,
+            upcast_attention=c.upcast_attention, dtype=self.dtype, attention=self.attention,
+            remat=self.remat,
+        )
+        policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots_saveable" else None
+        per_block = self.remat in ("unet_block", "dots_saveable")
+        down_block, mid_block, up_block = (
+            _rematted(block, per_block, policy) for block in (DownBlock, MidBlock, UpBlock)
         )
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         context = encoder_hidden_states.astype(self.dtype)  # [B, T, D]
@@ -406,14 +433,14 @@ class UNet2DConditionModel(nn.Module):
         h = conv3x3(channels[0], "conv_in", self.dtype)(sample.astype(self.dtype))
         skips = [h]
         for i, block_type in enumerate(c.down_block_types):
-            h, block_skips = DownBlock(
+            h, block_skips = down_block(
                 channels[i], c.layers_per_block, block_type == "CrossAttnDownBlock2D",
                 c.heads_per_block[i], c.transformer_layers[i], add_downsample=i < n_blocks - 1,
                 name=f"down_blocks_{i}", **common,
             )(h, t_emb, context)
             skips.extend(block_skips)
 
-        h = MidBlock(
+        h = mid_block(
             channels[-1], 1, True, c.heads_per_block[-1], c.transformer_layers[-1],
             name="mid_block", **common,
         )(h, t_emb, context)
@@ -423,7 +450,7 @@ class UNet2DConditionModel(nn.Module):
             n_layers = c.layers_per_block + 1
             block_skips = tuple(reversed(skips[-n_layers:]))
             del skips[-n_layers:]
-            h = UpBlock(
+            h = up_block(
                 channels[r], n_layers, block_type == "CrossAttnUpBlock2D",
                 c.heads_per_block[r], c.transformer_layers[r], add_upsample=i < n_blocks - 1,
                 name=f"up_blocks_{i}", **common,
@@ -453,6 +480,14 @@ class UNet2DConditionModel(nn.Module):
         ).reshape(batch, -1)  # [B, n_ids * addition_time_embed_dim]
         add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
         return TimestepEmbedding(dim, self.dtype, name="add_embedding")(add_embeds)
+
+
+def _rematted(
+    module: type[nn.Module], rematerialize: bool, policy: Any = None
+) -> type[nn.Module]:
+    """`module`, or `remat(module, policy)`: the backward pass recomputes its activations
+    instead of storing them. Same parameter names either way."""
+    return remat(module, policy) if rematerialize else module
 
 
 def cross_attention_stats(variables: dict, kind: str = "mean") -> jax.Array:

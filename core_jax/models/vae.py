@@ -57,6 +57,7 @@ class VAEMidBlock(nn.Module):
     groups: int
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -65,7 +66,7 @@ class VAEMidBlock(nn.Module):
             channels = h.shape[-1]
             h = Attention(
                 1, channels, channels, qkv_bias=True, group_norm_groups=self.groups,
-                dtype=self.dtype, name="attentions_0",
+                implementation=self.attention, dtype=self.dtype, name="attentions_0",
             )(h)
         return ResnetBlock2D(self.channels, self.groups, 1e-6, self.dtype, name="resnets_1")(h)
 
@@ -109,6 +110,7 @@ class DecoderBlock(nn.Module):
 class Encoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,7 +123,8 @@ class Encoder(nn.Module):
                 name=f"down_blocks_{i}",
             )(h)
         h = VAEMidBlock(
-            channels[-1], c.norm_num_groups, c.mid_block_add_attention, self.dtype, name="mid_block"
+            channels[-1], c.norm_num_groups, c.mid_block_add_attention, self.dtype, self.attention,
+            name="mid_block",
         )(h)
         h = GroupNorm(c.norm_num_groups, 1e-6, self.dtype, name="conv_norm_out")(h)
         return conv3x3(2 * c.latent_channels, "conv_out", self.dtype)(nn.silu(h))
@@ -130,6 +133,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -137,7 +141,8 @@ class Decoder(nn.Module):
         channels = c.block_out_channels[::-1]
         h = conv3x3(channels[0], "conv_in", self.dtype)(z)
         h = VAEMidBlock(
-            channels[0], c.norm_num_groups, c.mid_block_add_attention, self.dtype, name="mid_block"
+            channels[0], c.norm_num_groups, c.mid_block_add_attention, self.dtype, self.attention,
+            name="mid_block",
         )(h)
         for i, ch in enumerate(channels):
             h = DecoderBlock(
@@ -152,15 +157,17 @@ class AutoencoderKL(nn.Module):
     """`encode(images [B, H, W, 3] in [-1, 1]) -> (mean, logvar)`; `decode(latents) -> images`.
 
     Latents here are unscaled; multiply by `config.scaling_factor` before the U-Net.
+    `attention`: the mid-block attention's implementation (`attention.IMPLEMENTATIONS`).
     """
 
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     def setup(self) -> None:
         c = self.config
-        self.encoder = Encoder(c, self.dtype)
-        self.decoder = Decoder(c, self.dtype)
+        self.encoder = Encoder(c, self.dtype, self.attention)
+        self.decoder = Decoder(c, self.dtype, self.attention)
         self.quant_conv = conv1x1(2 * c.latent_channels, "quant_conv", self.dtype)
         self.post_quant_conv = conv1x1(c.latent_channels, "post_quant_conv", self.dtype)
 

@@ -25,10 +25,11 @@ from core_jax.diffusion import NoiseSchedule, load_schedule, make_schedule
 from core_jax.diffusion.samplers import SAMPLERS
 from core_jax.errors import InputError
 from core_jax.methods.diffusion_term import MASKED_LOSS
+from core_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import PRESETS, random_models
-from core_jax.models.unet import UNet2DConditionModel
+from core_jax.models.unet import REMAT_POLICIES, UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.sample import Pipeline
 from core_jax.text import (
@@ -132,6 +133,11 @@ def load_models(
         if text_encoder_2 is not None:  # SDXL's second tokenizer: the same BPE, "!" padding
             tokenizer_2 = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), pad_token="!")
         schedule = make_schedule()
+    # How the U-Net and the VAE compute (older saved configs lack the keys: the defaults).
+    attention = config.model.get("attention", "auto")
+    unet = unet.clone(attention=attention, remat=config.model.get("remat", "none"))
+    if isinstance(vae, AutoencoderKL):
+        vae = vae.clone(attention=attention)
     return Models(tokenizer, text_encoder, unet, vae, params, schedule, tokenizer_2,
                   text_encoder_2, model_identity(config))
 
@@ -207,7 +213,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("data.rotate_p", "data.flip_p"):
         if not 0 <= _value(config, key) <= 1:
             raise InputError(f"{key} is {_value(config, key)}; a probability is between 0 and 1")
-    choices = {"sample.sampler": SAMPLERS, "model.dtype": DTYPES}
+    choices = {"sample.sampler": SAMPLERS, "model.dtype": DTYPES,
+               "model.attention": ATTENTION_IMPLEMENTATIONS, "model.remat": REMAT_POLICIES}
     if not config.model.path:
         choices["model.preset"] = tuple(PRESETS)
     for key, allowed in choices.items():

@@ -62,6 +62,8 @@ def random_setup(
     methods: Sequence[str] = STAGE1_METHODS,
     per_run: Sequence[dict[str, Any]] | None = None,
     class_pool_size: int = 0,
+    attention: str = "auto",
+    remat: str = "none",
     **stage: Any,
 ) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
@@ -69,12 +71,13 @@ def random_setup(
     config (`stage_config(methods, **stage)`: batch_size, weights, variants, ...); `per_run[c]`
     overrides keys for concept c (its numbers, say). `class_pool_size` > 0 gives each concept a
     random pool of that many class latents and the prompt "a photo of a <super-category>", as
-    prior preservation reads them."""
+    prior preservation reads them. `attention` and `remat`: the U-Net's (`config.model`)."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
     )
     models = random_models(shapes, seed, jnp.dtype(dtype))
+    models.unet = models.unet.clone(attention=attention, remat=remat)
     size = shapes.unet.sample_size
 
     tokenizer = load_tokenizer()
