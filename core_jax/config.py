@@ -151,6 +151,7 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     # had before the key existed.
     for name, stage in saved.items():
         if name.startswith("stage") and isinstance(stage, dict):
+            stage.setdefault("shard_state", STAGE_KEYS["shard_state"])
             for method in stage.get("methods", ()):
                 try:
                     defaults = get_method(method).defaults
@@ -161,9 +162,6 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     # Keys added within version 2, at the value that behaves as before them.
     saved.setdefault("concept", {}).setdefault("init_word", "")
     saved.setdefault("data", {}).setdefault("augmentation", "core")
-    for name, stage in saved.items():
-        if name.startswith("stage") and isinstance(stage, dict):
-            stage.setdefault("shard_state", STAGE_KEYS["shard_state"])
     saved.setdefault("model", {}).setdefault("attention", "auto")
     saved["model"].setdefault("remat", "none")
     return saved
