@@ -14,13 +14,16 @@ Commands:
     core-jax bench --config configs/bench_small.py --scaling --variants ti
     core-jax bench --config configs/bench_small.py --components attention,group_norm,unet \
         --vs-torch
+    core-jax bench --config configs/bench_small.py --variants core --config.remat=unet_block
 
 Time here (2-core CPU, idle): ti,core with --vs-torch about 5 minutes; every variant about
 9 minutes (15 with --vs-torch); --scaling adds about 5; --components about 3; lora and svdiff
 about 1 minute each.
 What to expect: compile 20-60 s per variant; JAX's CoRe step at or below PyTorch's, and its
 CoRe/TI ratio (about 2.3: the y_cat forward and the doubled U-Net batch) at or below PyTorch's.
-See BENCHMARKS.md for measured values.
+With --config.remat=unet_block (or transformer_block) the CoRe step's XLA temp memory
+falls about 2.6x (1447 to 553 MB) for about 15 % more time. See BENCHMARKS.md for measured
+values.
 """
 
 import ml_collections

@@ -15,12 +15,14 @@ from core_jax.train.synthetic import random_setup
 # The tiny preset, CoRe with every stage-1 term weighted (pairwise, hinge too).
 CORE = dict(preset="tiny", unet_overrides={"layers_per_block": 1}, batch_size=2,
             lambda_pairwise=0.01, lambda_hinge=0.1, hinge_margin=0.9)
-# bf16 keeps 8 bits of mantissa (4e-3 relative per rounding); through the text encoder and
-# ~20 U-Net layers the terms measured within 2 % of fp32's here. 5 % relative (plus a floor
-# for terms that start near zero: 1 - cos terms at S*'s super-category start, L_attn ~1e-8)
-# still fails a term computed in bf16 end to end or a statistic that lost its fp32 softmax.
-RTOL = 5e-2
-FLOORS = {"emb": 1e-3, "pairwise": 1e-3, "hinge": 1e-3, "attn": 1e-6}
+# Relative tolerances, bf16 against fp32, at the first step (same weights, same batch).
+# Measured here: the diffusion term (= the loss) 2e-4, the gradient's norm 3e-2 (it goes
+# back through every bf16 layer). bf16 keeps 8 bits (4e-3 per rounding); a term computed in
+# bf16 end to end or statistics that lost their fp32 softmax miss these by far.
+RTOL = {"loss": 1e-2, "diffusion": 1e-2, "grad_norm": 0.1}
+# The regularizers start at zero (S* starts at the super-category's embedding): measured
+# |emb| 4e-8, L_attn 7e-18, pairwise and hinge 0 in both; absolute bounds.
+FLOORS = {"emb": 1e-6, "pairwise": 1e-6, "hinge": 1e-6, "attn": 1e-12}
 
 
 @pytest.mark.parametrize("implementation", ["explicit", "chunked"])
@@ -43,10 +45,10 @@ def test_bf16_core_step_terms_are_within_tolerance_of_fp32():
         _, history = packing.run_steps(setup, packing.one_device_step(setup), 1)
         metrics[dtype] = jax.device_get(history[0])
     fp32, bf16 = metrics["float32"], metrics["bfloat16"]
-    terms = [name for name in fp32 if name in ("loss", "diffusion", *FLOORS)]
-    assert {"diffusion", "emb", "attn"} <= set(terms)
+    terms = [name for name in fp32 if name in (*RTOL, *FLOORS)]
+    assert {"diffusion", "emb", "attn", "grad_norm"} <= set(terms)
     for name in terms:
-        assert np.asarray(bf16[name]).dtype == np.float32, name  # the losses are fp32
+        assert np.asarray(bf16[name]).dtype == np.float32, name  # the terms are fp32
         expected, got = np.asarray(fp32[name]), np.asarray(bf16[name])
-        bound = RTOL * np.abs(expected) + FLOORS.get(name, 0.0)
+        bound = RTOL.get(name, 0.0) * np.abs(expected) + FLOORS.get(name, 0.0)
         assert np.all(np.abs(got - expected) <= bound), (name, expected, got)

@@ -95,10 +95,14 @@ def test_each_policy_equals_no_remat(micro, without_remat, policy):
     unet, params, sample, context = micro
     outs, grads = _outputs_and_grads(unet.clone(remat=policy), params, sample, context)
     ref_outs, ref_grads = without_remat
-    # The same operations recomputed; XLA may fuse the recomputed copy differently (fp32
-    # reassociation, a few U): 1e-6 relative.
-    chex.assert_trees_all_close(outs, ref_outs, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-6, atol=1e-6)
+    # The same operations, recomputed; XLA fuses and blocks the program differently (fp32
+    # reassociation, a few U per op, measured up to 1.2e-6 on outputs of scale ~1): each leaf
+    # within 2e-6 of its largest magnitude.
+    def assert_close_to_scale(got, expected):
+        scale = max(float(jnp.max(jnp.abs(expected))), 1e-30)
+        assert float(jnp.max(jnp.abs(got - expected))) <= 2e-6 * scale
+
+    jax.tree.map(assert_close_to_scale, (outs, grads), (ref_outs, ref_grads))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
