@@ -16,7 +16,7 @@ from core_jax.config import stage_config
 from core_jax.errors import InputError
 from core_jax.train.parallel import make_mesh
 from core_jax.train.stages import check_stage
-from core_jax.train.step import WHOLE, shard_step, split_axes
+from core_jax.train.step import WHOLE, shard_step, split_axes, unsplit
 from core_jax.train.synthetic import random_setup
 
 STAGE2 = dict(preset="tiny", unet_overrides={"layers_per_block": 1}, methods=("unet_finetune",),
@@ -81,3 +81,15 @@ def test_shard_state_off_and_bad_values():
     stage = stage_config(("unet_finetune",), shard_state="sometimes")
     with pytest.raises(InputError, match="stage2.shard_state is 'sometimes'; choose one of auto"):
         check_stage("stage2", stage)
+
+
+def test_unsplit_places_a_state_that_never_left_one_device():
+    # A sweep resumed from its last checkpoint restores the state onto one device and runs no
+    # step before exporting; the export's gather must still work.
+    mesh = make_mesh(4)
+    on_one = {"embeds": jax.device_put(np.ones((4, 1, 32), np.float32), jax.devices()[0]),
+              "unet": jax.device_put(np.ones((4, 64), np.float32), jax.devices()[0])}
+    whole = unsplit(on_one, mesh)
+    for leaf in jax.tree.leaves(whole):
+        assert leaf.sharding.device_set == set(jax.devices())
+        np.testing.assert_array_equal(np.asarray(leaf), np.ones(leaf.shape))

@@ -307,6 +307,12 @@ def unsplit(tree: Any, mesh: Mesh) -> Any:
     concept = NamedSharding(mesh, P(CONCEPT_AXIS))
     if all(getattr(x, "sharding", concept) == concept for x in jax.tree.leaves(tree)):
         return tree
+    # A state restored at its last step never went through the step, so its leaves are still
+    # where the restore put them (one device), which a jit over the mesh refuses.
+    mesh_devices = set(mesh.devices.flat)
+    tree = jax.tree.map(
+        lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, concept), tree
+    )
     return jax.jit(lambda t: t, out_shardings=concept)(tree)
 
 
