@@ -285,3 +285,8 @@ def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
     assert "loss_mask" in custom.program.needs and custom.data.latent_mask is not None
     # The K/V and their Adam moments: far below a U-Net copy.
     assert bench.trainable_state_mb(custom) < 0.2 * bench.trainable_state_mb(booth)
+    # ClassDiffusion: the same groups, the semantic term on stood-in phrases.
+    classdiff = bench.variant_setup(setup, "class_diffusion")
+    assert set(classdiff.program.trains) == {"custom_diffusion", "embeds"}
+    assert {t.name for t in classdiff.program.terms} == {"diffusion", "spl"}
+    assert classdiff.data.phrase_ids.shape == (1, 2, 77)

@@ -5,8 +5,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
-and S*, masked loss), `tto` (CoRe's test-time optimization: L_emb and L_attn, no diffusion
-loss); and `sample` (a 50-step DDIM chain with classifier-free guidance).
+and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss), `tto`
+(CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and `sample` (a
+50-step DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -64,6 +65,8 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "dreambooth": (("unet_finetune", "prior_preservation"), dict(learning_rate=5e-6)),
     # Custom Diffusion: attn2's K/V and S*, the masked loss (lr 1e-5 x images, here 6).
     "custom_diffusion": (("custom_diffusion",), dict(learning_rate=6e-5)),
+    # ClassDiffusion: Custom Diffusion plus the semantic loss (the script's lr 1e-5 x 2 images).
+    "class_diffusion": (("custom_diffusion", "class_diffusion"), dict(learning_rate=2e-5)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(
@@ -146,14 +149,17 @@ def stage_setup(setup: Setup, methods: Sequence[str], **keys: Any) -> Setup:
 def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
     """`data` with what the methods read beyond the views and prompts, stood in for: a class
     pool (prior preservation: the view pool again, "a photo of a <class>" as y_cat's first
-    template) and view masks (Custom Diffusion's masked loss: the whole image). Same shapes and
-    work as the real ones."""
+    template), view masks (Custom Diffusion's masked loss: the whole image) and ClassDiffusion's
+    two phrases (y*'s first template twice). Same shapes and work as the real ones."""
     if "prior_preservation" in methods and data.class_mean is None:
         data = dataclasses.replace(data, class_mean=data.latent_mean, class_std=data.latent_std,
                                    class_hidden=data.cat_hidden[:, 0])
     if "custom_diffusion" in methods and data.latent_mask is None:
         data = dataclasses.replace(
             data, latent_mask=jnp.ones(data.latent_mean.shape[:-1] + (1,), bool))
+    if "class_diffusion" in methods and data.phrase_ids is None:
+        data = dataclasses.replace(
+            data, phrase_ids=jnp.stack([data.obj_ids[:, 0], data.obj_ids[:, 0]], axis=1))
     return data
 
 

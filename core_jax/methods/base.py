@@ -35,6 +35,7 @@ class Settings:
     # "up_blocks_0/attentions_1/transformer_blocks_0"); a function, as finding them traces the
     # U-Net. None where no model is given.
     attention_layers: Callable[[], tuple[str, ...]] | None = None
+    eos_token_id: int = 49407  # the (first) text encoder's end-of-text id
 
 
 @dataclasses.dataclass(frozen=True)

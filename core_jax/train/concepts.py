@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 
 from core_jax.errors import InputError
 from core_jax.text import (
+    CLASS_FIELD,
     encode_sdxl_with_learned,
     regularization_prompts,
     second_encoder_ids,
@@ -21,6 +22,10 @@ from core_jax.text import (
     tokenize,
 )
 from core_jax.train.state import ConceptData
+
+# The phrases ClassDiffusion's semantic preservation loss compares (its code's, fixed): the
+# concept's phrase with S* and the class word, and the class word's alone.
+SEMANTIC_PHRASES = ("a photo of a {} {cls}", "a photo of a {cls}")
 
 
 class LatentPool(NamedTuple):
@@ -68,6 +73,7 @@ def build_concept_data(
     class_pools: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     class_prompts: Sequence[str] | None = None,
     captions: Sequence[str] | None = None,
+    with_phrases: bool = False,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
@@ -78,7 +84,8 @@ def build_concept_data(
     [D1 + D2], as the learned vectors are, and every pool must carry its views' add-time ids. For
     prior preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated
     class images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded
-    here once; `captions[c]`: each concept's own caption, when the caption names the class.
+    here once; `captions[c]`: each concept's own caption, when the caption names the class;
+    `with_phrases`: each concept's `SEMANTIC_PHRASES` (ClassDiffusion's loss reads them).
     """
     latent_pools = [LatentPool(*pool) for pool in latent_pools]
     with_masks = {pool.mask is not None for pool in latent_pools}
@@ -133,6 +140,12 @@ def build_concept_data(
         )
     if captions is not None:
         optional["caption_ids"] = jnp.asarray(tokenize(tokenizer, list(captions)))
+    if with_phrases:
+        optional["phrase_ids"] = jnp.asarray(np.stack([
+            tokenize(tokenizer, [p.replace(CLASS_FIELD, s.super_category)
+                                 .replace("{}", placeholder_text) for p in SEMANTIC_PHRASES])
+            for s in specs
+        ]))
     if any(s.init_word for s in specs):
         optional["init_embed"] = jnp.asarray(np.stack([
             input_embedding(s.init_word or s.super_category) for s in specs

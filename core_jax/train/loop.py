@@ -219,6 +219,8 @@ class Group:
                 fill_prompt(r.config.concept.caption, self.text, r.config.concept.super_category)
                 for r in slots
             ]
+        if any("phrase_hidden" in program.needs for program in self.programs):
+            prior["with_phrases"] = True
         return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools, **prior)
 
 

@@ -416,6 +416,25 @@ def _text(p: Passes) -> None:
             p._values[name.replace("hidden", "pooled")] = pooled[rows]
 
 
+def _phrases(p: Passes) -> None:
+    """ClassDiffusion's phrases encoded in one call: "a photo of a S* <cls>" with the learned
+    vectors, "a photo of a <cls>" as a constant (the code's frozen class branch)."""
+    ids = p.data.phrase_ids
+    if ids is None:
+        raise ValueError("a term reads phrase_hidden but the concept data has no phrases "
+                         "(build_concept_data(with_phrases=True))")
+    ids = ids.reshape((-1, ids.shape[-1]))  # [2 C_l, T], concept-major
+    learned = p.params.get("embeds")
+    slots = None
+    if learned is not None:
+        learned = jnp.repeat(learned, 2, axis=0)  # [2 C_l, V, D]
+        slots = placeholder_slots(ids, p.models.placeholder_ids)
+    hidden, _ = p.models.encode(p.frozen, ids, learned, slots)
+    hidden = hidden.reshape((p.num_concepts, 2) + hidden.shape[1:])  # [C_l, 2, T, D]
+    p._values["phrase_hidden"] = jnp.stack(
+        [hidden[:, 0], jax.lax.stop_gradient(hidden[:, 1])], axis=1)
+
+
 def _unet_passes(p: Passes) -> None:
     """The caption pass (diffusion), the y* pass (attention statistics) and the class pass
     (prior preservation) share one call."""
@@ -517,6 +536,8 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
         p.schedule, p.prior_batch.prior_x0, p.batch.prior_noise, p.batch.prior_timesteps))),
     "cat_stats": _cat_stats,
     "loss_mask": _set("loss_mask", _loss_mask),
+    "phrase_hidden": _phrases,
+    "phrase_ids": _set("phrase_ids", lambda p: p.data.phrase_ids),
     "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
                                                           jnp.float32)),
 }

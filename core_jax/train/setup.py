@@ -352,7 +352,8 @@ def concept_data(
     specs: Sequence[ConceptSpec], latent_pools: Sequence[LatentPool], **prior: Any,
 ) -> ConceptData:
     """`build_concept_data` with the run's encoders (both, for SDXL); `prior`: its class
-    pools, class prompts and captions, when a stage preserves the prior."""
+    pools, class prompts and captions, when a stage preserves the prior, and `with_phrases`
+    when a stage reads ClassDiffusion's phrases."""
     sdxl = {}
     if models.text_encoder_2 is not None:
         sdxl = dict(text_encoder_2=models.text_encoder_2, text_2_params=models.params["text_2"],

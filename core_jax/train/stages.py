@@ -109,7 +109,7 @@ def build_program(
     but for their numbers). A weighted term is present when any run weights it."""
     first = stages[0]
     settings = Settings(_plain(first), prediction_type, models.encoder_widths,
-                        models.attention_layers)
+                        models.attention_layers, models.text_encoder.config.eos_token_id)
     terms: dict[str, Term] = {}
     hooks, trains = [], {}
     for method in stage_methods(first):

@@ -57,6 +57,9 @@ class ConceptData:
     # Where S* starts when the concept names a word for it (`concept.init_word`, DreamBooth's
     # rare token); None: at super_embed.
     init_embed: jax.Array | None = None  # [C, D]
+    # ClassDiffusion's two fixed phrases per concept (`concepts.SEMANTIC_PHRASES`): "a photo of
+    # a S* <cls>" and "a photo of a <cls>"; None when no stage reads them.
+    phrase_ids: jax.Array | None = None  # [C, 2, T]
     # [C, P, h, w, 1] bool: each view's object region (Custom Diffusion's zoom augmentation,
     # `core_jax.data.zoom_views`); None: no masks (every other augmentation)
     latent_mask: jax.Array | None = None

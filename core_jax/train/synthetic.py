@@ -110,22 +110,22 @@ def random_setup(
             for _ in specs
         ]
         prior["class_prompts"] = [f"a photo of a {s.super_category}" for s in specs]
-    data = build_concept_data(
-        tokenizer, models.text_encoder, models.params["text"], text, specs, pools,
-        **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}), **prior,
-    )
     stages = []
     for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
         values = {"learning_rate": 5e-3, **stage, **((per_run or [{}] * num_concepts)[c])}
         stages.append(stage_config(methods, **values))
-    if sdxl:
-        sdxl.update(eos_id=tokenizer.eos_token_id)
     step_models = StepModels(
         models.text_encoder, models.unet,
-        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids), **sdxl,
+        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids),
+        **(dict(sdxl, eos_id=tokenizer.eos_token_id) if sdxl else {}),
     )
     schedule = make_schedule()
     program = build_program(stages, step_models, schedule.prediction_type)
+    data = build_concept_data(
+        tokenizer, models.text_encoder, models.params["text"], text, specs, pools,
+        **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}), **prior,
+        with_phrases="phrase_hidden" in program.needs,
+    )
     frozen = with_shared({k: v for k, v in models.params.items() if k != "vae"},
                          program.trains)
     keys = stage_keys([s.seed for s in specs], 0)
