@@ -209,11 +209,22 @@ def export_unet(
     return target
 
 
-def save_lora(path: str | os.PathLike, adapters: LoraAdapters, kohya: bool = False) -> Path:
+def save_lora(
+    path: str | os.PathLike, adapters: LoraAdapters | None, kohya: bool = False,
+    text_encoder: LoraAdapters | None = None,
+) -> Path:
     """Write one run's U-Net adapters (no concept axis) as safetensors: peft/diffusers names,
-    or kohya's with `kohya=True`. `path` is a `.safetensors` file or an existing folder (then
+    or kohya's with `kohya=True`; `text_encoder`: its text-encoder adapters too (diffusers'
+    `text_encoder.` names, TextBoost), in the same file as `load_lora_weights` reads both.
+    `path` is a `.safetensors` file or an existing folder (then
     `pytorch_lora_weights.safetensors` inside it). Returns the file written."""
-    state = kohya_state_dict(adapters) if kohya else peft_state_dict(adapters)
+    if kohya and text_encoder is not None:
+        raise ValueError("kohya names are written for U-Net adapters only")
+    state = {}
+    if adapters is not None:
+        state = kohya_state_dict(adapters) if kohya else peft_state_dict(adapters)
+    if text_encoder is not None:
+        state.update(peft_state_dict(text_encoder, prefix="text_encoder"))
     if not all(np.all(np.isfinite(v)) for v in state.values()):
         raise ValueError("LoRA weights contain NaN or infinity; refusing to export them")
     out = _output_file(path, LORA_NAME)
@@ -286,6 +297,7 @@ def export_concept(
     lora: LoraAdapters | None = None,
     svdiff: Any | None = None,
     custom_diffusion: Any | None = None,
+    text_lora: LoraAdapters | None = None,
     step: int | None = None,
     sdxl_width_1: int | None = None,
 ) -> dict[str, Path]:
@@ -293,7 +305,8 @@ def export_concept(
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
     for learned vectors [V, D], `unet/` (a diffusers folder) for a trained U-Net (module,
     params), `pytorch_lora_weights.safetensors` (diffusers) and `a1111/lora/<name>.safetensors`
-    (kohya: A1111, ComfyUI) for U-Net adapters, `spectral_shifts.safetensors` for SVDiff's
+    (kohya: A1111, ComfyUI) for U-Net adapters (the first also holds text-encoder adapters,
+    `text_lora`), `spectral_shifts.safetensors` for SVDiff's
     shifts (whose merged U-Net is `unet`), `pytorch_custom_diffusion_weights.safetensors` (and
     `.bin`) for Custom Diffusion's K/V. SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
     A1111 file is the SDXL embedding (`clip_l`, `clip_g`; diffusers loads it tensor by tensor),
@@ -313,8 +326,9 @@ def export_concept(
             written["a1111"] = save_sdxl_embedding(a1111, file_stem(name), vectors, sdxl_width_1)
     if unet is not None:
         written["unet"] = export_unet(folder, *unet)
+    if lora is not None or text_lora is not None:
+        written["lora"] = save_lora(folder / LORA_NAME, lora, text_encoder=text_lora)
     if lora is not None:
-        written["lora"] = save_lora(folder / LORA_NAME, lora)
         (folder / "a1111" / "lora").mkdir(parents=True, exist_ok=True)
         written["lora_kohya"] = save_lora(
             folder / "a1111" / "lora" / f"{file_stem(name)}.safetensors", lora, kohya=True

@@ -290,3 +290,8 @@ def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
     assert set(classdiff.program.trains) == {"custom_diffusion", "embeds"}
     assert {t.name for t in classdiff.program.terms} == {"diffusion", "spl"}
     assert classdiff.data.phrase_ids.shape == (1, 2, 77)
+    # TextBoost: S* and the text encoder's adapters, the knowledge term on stood-in prompts.
+    boost = bench.variant_setup(setup, "textboost")
+    assert set(boost.program.trains) == {"embeds", "text_lora"}
+    assert {t.name for t in boost.program.terms} == {"diffusion", "kp"}
+    assert boost.data.kp_frozen.shape[:2] == boost.data.kp_ids.shape[:2]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import packing
 import pytest
+from jax.test_util import check_grads
 
 from core_jax.errors import InputError
 from core_jax.methods.base import Settings
@@ -108,7 +109,7 @@ def test_the_term_fn_has_checked_gradients_and_vmaps():
                                rtol=1e-5)
     same = hidden.at[0, 4].set(hidden[1, 3])
     np.testing.assert_allclose(fn(same), 0.0, atol=1e-6)
-    jax.test_util.check_grads(fn, (hidden,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    check_grads(fn, (hidden,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
     batched = jax.jit(jax.vmap(fn))(jnp.stack([hidden, same]))
     chex.assert_trees_all_close(batched, jnp.stack([fn(hidden), fn(same)]), atol=1e-6)
 

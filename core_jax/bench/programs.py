@@ -5,7 +5,8 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
-and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss), `tto`
+and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
+`textboost` (S* and text-encoder LoRA with knowledge preservation), `tto`
 (CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and `sample` (a
 50-step DDIM chain with classifier-free guidance).
 
@@ -67,6 +68,9 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "custom_diffusion": (("custom_diffusion",), dict(learning_rate=6e-5)),
     # ClassDiffusion: Custom Diffusion plus the semantic loss (the script's lr 1e-5 x 2 images).
     "class_diffusion": (("custom_diffusion", "class_diffusion"), dict(learning_rate=2e-5)),
+    # TextBoost: S* at 1e-3, the text encoder's q/k/v adapters at 1e-4 (its code's).
+    "textboost": (("textual_inversion", "textboost"), dict(
+        learning_rate=1e-3, text_lora_learning_rate=1e-4)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(
@@ -150,7 +154,8 @@ def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
     """`data` with what the methods read beyond the views and prompts, stood in for: a class
     pool (prior preservation: the view pool again, "a photo of a <class>" as y_cat's first
     template), view masks (Custom Diffusion's masked loss: the whole image) and ClassDiffusion's
-    two phrases (y*'s first template twice). Same shapes and work as the real ones."""
+    two phrases (y*'s first template twice), TextBoost's prior prompts (the y_cat prompts and
+    their frozen encodings, drawn uniformly). Same shapes and work as the real ones."""
     if "prior_preservation" in methods and data.class_mean is None:
         data = dataclasses.replace(data, class_mean=data.latent_mean, class_std=data.latent_std,
                                    class_hidden=data.cat_hidden[:, 0])
@@ -160,6 +165,11 @@ def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
     if "class_diffusion" in methods and data.phrase_ids is None:
         data = dataclasses.replace(
             data, phrase_ids=jnp.stack([data.obj_ids[:, 0], data.obj_ids[:, 0]], axis=1))
+    if "textboost" in methods and data.kp_ids is None:
+        size = data.obj_ids.shape[1]
+        data = dataclasses.replace(
+            data, kp_ids=data.obj_ids, kp_frozen=data.cat_hidden,
+            kp_weights=jnp.full(data.obj_ids.shape[:2], 1.0 / size, jnp.float32))
     return data
 
 

@@ -19,6 +19,7 @@ import jax
 
 Numbers = Mapping[str, jax.Array]  # one concept's per-run numbers, each a scalar
 UNetCall = Callable[[Any], Any]  # U-Net params -> the U-Net's outputs, its inputs bound
+TextCall = Callable[[Any], Any]  # text-encoder params -> its outputs, its inputs bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,15 @@ class ParamGroup:
     # optimizer state split over the devices of the run's data axis (`core_jax.train.step`).
     # Hooks then see only a device's slice of it, so no hook may read such a group.
     split_over_data: bool = False
+    # The text encoder's counterparts of `unet_call` and `merge`: (call, the encoder's params,
+    # one run's value) -> call's outputs, and (encoder params, one run's value) -> the params
+    # the run amounts to (TextBoost's adapters). With `text_call` the step encodes each run's
+    # prompts through its own value (vmapped over packed runs). SD 1.x/2.x's one encoder.
+    text_call: Callable[[TextCall, Any, Any], Any] | None = None
+    text_merge: Callable[[Any, Any], Any] | None = None
+    # (one run's value as a checkpoint restores it without a target: plain dicts, static
+    # fields lost; the config of the stage that trains it) -> the value. None: used as restored.
+    from_checkpoint: Callable[[Any, Mapping[str, Any]], Any] | None = None
 
 
 def _none(settings: Settings) -> tuple:

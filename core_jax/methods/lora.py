@@ -72,9 +72,13 @@ def _targeted(name: str, targets: Sequence[str]) -> str | None:
     return next((t for t in targets if name == t or name.endswith("." + t)), None)
 
 
-def target_paths(unet_params: Mapping[str, Any], targets: Sequence[str]) -> list[tuple[str, ...]]:
-    """The paths of the linear layers (2-D kernels) of `unet_params` that `targets` name;
-    a target that names none is an error (a typo would otherwise train nothing there)."""
+def target_paths(
+    unet_params: Mapping[str, Any], targets: Sequence[str], model: str = "U-Net",
+    examples: Sequence[str] = ATTENTION + FEED_FORWARD,
+) -> list[tuple[str, ...]]:
+    """The paths of the linear layers (2-D kernels) of `unet_params` (a `model`'s) that
+    `targets` name; a target that names none is an error (a typo would otherwise train nothing
+    there)."""
     if isinstance(targets, str):
         targets = (targets,)
     found, used = [], set()
@@ -88,7 +92,7 @@ def target_paths(unet_params: Mapping[str, Any], targets: Sequence[str]) -> list
     unused = [t for t in targets if t not in used]
     if unused or not targets:
         raise InputError(f"lora_targets {unused or list(targets)} name no linear layer of the "
-                         f"U-Net; e.g. {', '.join(ATTENTION + FEED_FORWARD)}")
+                         f"{model}; e.g. {', '.join(examples)}")
     return sorted(found)
 
 
@@ -164,13 +168,14 @@ def merge(unet_params: Any, adapters: LoraAdapters) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def peft_state_dict(adapters: LoraAdapters) -> dict[str, np.ndarray]:
-    """diffusers' names for `load_lora_weights` (`unet.<module>.lora_A.weight` [r, in],
-    `lora_B.weight` [out, r], torch's layout). Such files carry no alpha (diffusers then reads
-    alpha = r, scale 1), so the scale is folded into B: the same W + scale A B."""
+def peft_state_dict(adapters: LoraAdapters, prefix: str = "unet") -> dict[str, np.ndarray]:
+    """diffusers' names for `load_lora_weights` (`<prefix>.<module>.lora_A.weight` [r, in],
+    `lora_B.weight` [out, r], torch's layout; prefix "unet" or "text_encoder"). Such files carry
+    no alpha (diffusers then reads alpha = r, scale 1), so the scale is folded into B: the same
+    W + scale A B."""
     out = {}
     for path, layer in adapters.modules().items():
-        name = f"unet.{module_name(path)}"
+        name = f"{prefix}.{module_name(path)}"
         out[f"{name}.lora_A.weight"] = np.asarray(layer["A"], np.float32).T
         out[f"{name}.lora_B.weight"] = (adapters.scale * np.asarray(layer["B"], np.float32)).T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -189,7 +194,17 @@ def kohya_state_dict(adapters: LoraAdapters) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-LORA = ParamGroup(init=_init_group, unet_call=adapted_call, merge=merge)
+def from_checkpoint(tree: Mapping[str, Any], rank: int, alpha: float) -> LoraAdapters:
+    """Adapters from a checkpoint restored without a target ({"layers": ...}; the scale, a
+    static field, comes from the stage's rank and alpha)."""
+    return LoraAdapters(tree["layers"], scale=float(alpha) / rank)
+
+
+LORA = ParamGroup(
+    init=_init_group, unet_call=adapted_call, merge=merge,
+    from_checkpoint=lambda tree, stage: from_checkpoint(tree, stage["lora_rank"],
+                                                        stage["lora_alpha"]),
+)
 
 METHOD = Method(
     name="lora",

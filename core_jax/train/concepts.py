@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +27,30 @@ from core_jax.train.state import ConceptData
 # The phrases ClassDiffusion's semantic preservation loss compares (its code's, fixed): the
 # concept's phrase with S* and the class word, and the class word's alone.
 SEMANTIC_PHRASES = ("a photo of a {} {cls}", "a photo of a {cls}")
+
+
+# TextBoost's prior prompts: general captions (most of the draws), the concept's class in the
+# regularization templates and the empty prompt (10 % of the draws each, as its code's
+# `null_prob` and class templates).
+GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "text" / "general_prompts.txt"
+KNOWLEDGE_SHARES = {"general": 0.8, "class": 0.1, "empty": 0.1}
+
+
+def knowledge_prompts(
+    super_category: str, templates: Sequence[str], general: Sequence[str] | None = None
+) -> tuple[list[str], list[float]]:
+    """The prompts TextBoost's knowledge-preservation loss draws from, and the probability of
+    each: `general` captions (default: the shipped `general_prompts.txt`), the templates with
+    the class word for S*, and "" (`KNOWLEDGE_SHARES`)."""
+    if general is None:
+        general = [line.strip() for line in GENERAL_PROMPTS.read_text().splitlines()
+                   if line.strip() and not line.startswith("#")]
+    classes = [t.replace("{}", super_category) for t in templates]
+    prompts = [*general, *classes, ""]
+    weights = ([KNOWLEDGE_SHARES["general"] / len(general)] * len(general)
+               + [KNOWLEDGE_SHARES["class"] / len(classes)] * len(classes)
+               + [KNOWLEDGE_SHARES["empty"]])
+    return prompts, weights
 
 
 class LatentPool(NamedTuple):
@@ -74,6 +99,7 @@ def build_concept_data(
     class_prompts: Sequence[str] | None = None,
     captions: Sequence[str] | None = None,
     with_phrases: bool = False,
+    knowledge: Sequence[tuple[Sequence[str], Sequence[float]]] | None = None,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
@@ -85,7 +111,9 @@ def build_concept_data(
     prior preservation, `class_pools[c]` (mean, std) [Q, h, w, 4] are the concept's generated
     class images and `class_prompts[c]` the prompt they came from ("a photo of a dog"), encoded
     here once; `captions[c]`: each concept's own caption, when the caption names the class;
-    `with_phrases`: each concept's `SEMANTIC_PHRASES` (ClassDiffusion's loss reads them).
+    `with_phrases`: each concept's `SEMANTIC_PHRASES` (ClassDiffusion's loss reads them);
+    `knowledge[c]`: the concept's prior prompts and their probabilities (`knowledge_prompts`),
+    encoded here once by the frozen encoder (TextBoost; SD 1.x/2.x).
     """
     latent_pools = [LatentPool(*pool) for pool in latent_pools]
     with_masks = {pool.mask is not None for pool in latent_pools}
@@ -146,6 +174,20 @@ def build_concept_data(
                                  .replace("{}", placeholder_text) for p in SEMANTIC_PHRASES])
             for s in specs
         ]))
+    if knowledge is not None:
+        if text_encoder_2 is not None:
+            raise InputError("TextBoost's knowledge preservation is built for one text encoder "
+                             "(SD 1.x/2.x), not SDXL")
+        size = max(len(prompts) for prompts, _ in knowledge)  # padded with "", never drawn
+        kp_ids = [tokenize(tokenizer, [*prompts, *[""] * (size - len(prompts))])
+                  for prompts, _ in knowledge]
+        kp_weights = [np.pad(np.asarray(w, np.float32), (0, size - len(w)))
+                      for _, w in knowledge]
+        optional.update(
+            kp_ids=jnp.asarray(np.stack(kp_ids)),
+            kp_frozen=jnp.asarray(np.stack([np.asarray(encode(jnp.asarray(i))) for i in kp_ids])),
+            kp_weights=jnp.asarray(np.stack(kp_weights)),
+        )
     if any(s.init_word for s in specs):
         optional["init_embed"] = jnp.asarray(np.stack([
             input_embedding(s.init_word or s.super_category) for s in specs

@@ -40,9 +40,9 @@ from core_jax.text import (
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.class_pool import ClassPools, pool_spec
-from core_jax.train.concepts import ConceptSpec, LatentPool
+from core_jax.train.concepts import ConceptSpec, LatentPool, knowledge_prompts
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
-from core_jax.train.passes import merged_unet, with_shared
+from core_jax.train.passes import merged_text, merged_unet, with_shared
 from core_jax.train.profile import StepProfiler
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
@@ -221,6 +221,8 @@ class Group:
             ]
         if any("phrase_hidden" in program.needs for program in self.programs):
             prior["with_phrases"] = True
+        if any("kp_hidden" in program.needs for program in self.programs):
+            prior["knowledge"] = [knowledge_prompts(s.super_category, s.templates) for s in specs]
         return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools, **prior)
 
 
@@ -448,6 +450,7 @@ def _export_runs(
             lora=params.get("lora"),
             svdiff=params.get("svdiff"),
             custom_diffusion=params.get("custom_diffusion"),
+            text_lora=params.get("text_lora"),
             step=step,
             sdxl_width_1=sdxl_width_1,
         )
@@ -460,11 +463,13 @@ def _sample_grids(
     """A validation grid per run this host owns: its learned vectors, its U-Net if it has one."""
     pipeline = group.pipeline()
     base_unet = group.env.models.params["unet"]
+    base_text = group.env.models.params["text"]
     for c, run in owned:
         if c in failed:
             continue
         params = local_slice({g: state.params[g] for g in state.params}, c)
         pipeline.unet_params = merged_unet(params, base_unet)  # same shapes: compiled once
+        pipeline.text_params = merged_text(params, base_text)
         s = run.config.sample
         prompts = [fill_prompt(p, group.text, run.config.concept.super_category)
                    for p in s.prompts]

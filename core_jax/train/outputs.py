@@ -24,7 +24,7 @@ from core_jax.sample import generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
-from core_jax.train.passes import merged_unet, unet_groups
+from core_jax.train.passes import merged_text, merged_unet, unet_groups
 from core_jax.train.stages import stage_methods, stage_names
 
 
@@ -101,9 +101,10 @@ def sample_run(
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
         _, unet_params = weights.load_unet(workdir / "unet")
-    elif use_stage2_unet and _trains_unet_groups(config) and (workdir / "checkpoints").is_dir():
+    elif (use_stage2_unet and _trains_groups(config, "unet_call")
+          and (workdir / "checkpoints").is_dir()):
         # Adapters (LoRA, Custom Diffusion's K/V) live in the checkpoint, not in a unet/ folder.
-        params = checkpoint_params(latest_checkpoint(workdir)[1])
+        params = checkpoint_params(latest_checkpoint(workdir)[1], config)
         if unet_groups(params):
             unet_params = jax.device_get(merged_unet(params, unet_params))
     tokenizer = copy.deepcopy(models.tokenizer)  # the models' stays plain (TTO adds its own)
@@ -112,6 +113,10 @@ def sample_run(
     )
     pipeline = run_setup.sampling_pipeline(models, tokenizer, placeholder_ids,
                                            config.concept.placeholder, unet_params)
+    if _trains_groups(config, "text_call") and (workdir / "checkpoints").is_dir():
+        # Text-encoder adapters (TextBoost) live in the checkpoint too.
+        params = checkpoint_params(latest_checkpoint(workdir)[1], config)
+        pipeline.text_params = jax.device_get(merged_text(params, models.params["text"]))
     expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
 
     def draw(prompts: list[str], vectors: np.ndarray) -> np.ndarray:
@@ -143,20 +148,33 @@ def sample_run(
     return save_image_grid(images, out, nrow=num_images)
 
 
-def _trains_unet_groups(config: ml_collections.ConfigDict) -> bool:
-    """Whether a stage of the run trains a group the U-Net reads (so that sampling needs its
-    checkpoint); a TI or CoRe stage-1 run samples without reading one."""
-    return any(group_of(group).unet_call is not None
+def _trains_groups(config: ml_collections.ConfigDict, reader: str) -> bool:
+    """Whether a stage of the run trains a group the U-Net (`reader` "unet_call") or the text
+    encoder ("text_call") reads, so that sampling needs its checkpoint; a TI or CoRe stage-1
+    run samples without reading one."""
+    return any(getattr(group_of(group), reader) is not None
                for name in stage_names(config) for method in stage_methods(config[name])
                for group in method.trains)
 
 
-def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
-    """The run's parameter groups (its one concept) from a checkpoint's items; checkpoints of
-    core-jax before config version 2 held "embedding" and "unet" states instead."""
+def checkpoint_params(
+    items: dict[str, Any], config: ml_collections.ConfigDict | None = None
+) -> dict[str, Any]:
+    """The run's parameter groups (its one concept) from a checkpoint's items, each rebuilt as
+    its group defines (`ParamGroup.from_checkpoint`, from the `config` of the stage that trains
+    it); checkpoints of core-jax before config version 2 held "embedding" and "unet" states
+    instead."""
     if "state" in items:
-        return {group: jax.tree.map(lambda x: np.asarray(x[0]), tree)
-                for group, tree in items["state"]["params"].items()}
+        params = {group: jax.tree.map(lambda x: np.asarray(x[0]), tree)
+                  for group, tree in items["state"]["params"].items()}
+        if config is not None:
+            for name in stage_names(config):
+                for method in stage_methods(config[name]):
+                    for group in set(method.trains) & set(params):
+                        rebuild = group_of(group).from_checkpoint
+                        if rebuild is not None and not hasattr(params[group], "replace"):
+                            params[group] = rebuild(params[group], config[name])
+        return params
     params = {"embeds": np.asarray(items["embedding"]["embeds"][0])}
     if "unet" in items:
         params["unet"] = items["unet"]["params"]
@@ -166,12 +184,12 @@ def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any
     (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts),
-    Custom Diffusion's K/V."""
+    LoRA adapters (U-Net and text encoder), Custom Diffusion's K/V."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
     out.mkdir(parents=True, exist_ok=True)
     step, items = latest_checkpoint(workdir)
-    params = checkpoint_params(items)
+    params = checkpoint_params(items, config)
     unet = None
     if "unet" in params:
         unet = (run_setup.load_models(config).unet, params["unet"])
@@ -180,8 +198,9 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
     written = export.export_concept(
         out, name=config.concept.name, placeholder=config.concept.placeholder,
-        vectors=params["embeds"], unet=unet, svdiff=params.get("svdiff"),
-        custom_diffusion=params.get("custom_diffusion"), step=step,
+        vectors=params["embeds"], unet=unet, lora=params.get("lora"),
+        svdiff=params.get("svdiff"), custom_diffusion=params.get("custom_diffusion"),
+        text_lora=params.get("text_lora"), step=step,
         sdxl_width_1=run_setup.sdxl_width_1(config),
     )
     return list(written.values())

@@ -130,10 +130,12 @@ class Batch:
     prior_timesteps: jax.Array | None = None
     mask: jax.Array | None = None  # [B, h, w, 1] bool: the row's view's object region, if any
     time_ids: jax.Array | None = None  # [B, 6] SDXL: the row's view's add-time ids
+    kp_index: jax.Array | None = None  # [B] int: the row's prior prompt (TextBoost)
 
 
 # Folded into a concept's row key for its class rows: they draw nothing its photo rows draw.
 _PRIOR_SALT = 0x5052494F  # "PRIO"
+_KNOWLEDGE_SALT = 0x4B4E4F57  # "KNOW": a row's prior prompt
 
 
 def _row_noise(
@@ -177,9 +179,14 @@ def draw_batch(
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     mask = None if data.latent_mask is None else flat(take_rows(data.latent_mask))
     time_ids = None if data.time_ids is None else flat(take_rows(data.time_ids))
+    kp_index = None
+    if data.kp_ids is not None:  # each row one prior prompt, drawn by the prompts' weights
+        kp_index = flat(jax.vmap(lambda k, w: jax.vmap(lambda r: jax.random.choice(
+            jax.random.fold_in(jax.random.fold_in(k, _KNOWLEDGE_SALT), r), w.shape[0], p=w)
+        )(rows))(row_keys, data.kp_weights))
     if data.class_mean is None:
         return Batch(flat(x0), flat(noise), flat(timesteps), template, mask=mask,
-                     time_ids=time_ids)
+                     time_ids=time_ids, kp_index=kp_index)
     class_size = data.class_mean.shape[1]
     view, latent_eps, prior_t, prior_noise = jax.vmap(
         lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
@@ -188,7 +195,7 @@ def draw_batch(
     prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
                 + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
     return Batch(flat(x0), flat(noise), flat(timesteps), template, flat(prior_x0),
-                 flat(prior_noise), flat(prior_t), mask, time_ids)
+                 flat(prior_noise), flat(prior_t), mask, time_ids, kp_index)
 
 
 # What each computation needs computed first (beyond the batch and the constants).
@@ -261,6 +268,19 @@ def merged_unet(params: dict[str, Any], unet_params: Any) -> Any:
         extra = (group.shared(frozen_unet),) if group.shared is not None else ()
         unet_params = group.merge(unet_params, params[name], *extra)
     return unet_params
+
+
+def text_groups(params: dict[str, Any]) -> list[str]:
+    """The groups of a run's params that the text encoder reads, in the order they compose."""
+    return [name for name in sorted(params) if group_of(name).text_call is not None]
+
+
+def merged_text(params: dict[str, Any], text_params: Any) -> Any:
+    """The text encoder's params one run (its params without the concept axis) amounts to: for
+    sampling and exports, never inside the step."""
+    for name in text_groups(params):
+        text_params = group_of(name).text_merge(text_params, params[name])
+    return text_params
 
 
 class Passes:
@@ -390,6 +410,32 @@ def _aligned_stats(stats: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(stats, index[:, None, None, :], axis=-1)
 
 
+def _encode_per_run(p: Passes, ids: jax.Array, learned: jax.Array | None) -> jax.Array:
+    """ids [C_l, n, T] encoded by each run's own text encoder (its text groups over the frozen
+    one), with its learned vectors [C_l, V, D] where given: [C_l, n, T, D]."""
+    groups = text_groups(p.params)
+    frozen_text = p.frozen["text"]
+
+    def one(values: dict[str, Any], ids: jax.Array, learned: jax.Array | None) -> jax.Array:
+        slots = None if learned is None else placeholder_slots(ids, p.models.placeholder_ids)
+
+        def call(text_params: Any) -> jax.Array:
+            return p.models.encode({**p.frozen, "text": text_params}, ids, learned, slots)[0]
+
+        for name in reversed(groups):
+            use = group_of(name).text_call
+
+            def call(text_params: Any, use=use, inner=call, value=values[name]) -> jax.Array:
+                return use(inner, text_params, value)
+
+        return call(frozen_text)
+
+    values = {name: p.params[name] for name in groups}
+    if learned is None:
+        return jax.vmap(lambda v, i: one(v, i, None))(values, ids)
+    return jax.vmap(one)(values, ids, learned)
+
+
 def _text(p: Passes) -> None:
     """The caption and y* with the learned vectors, in one encoder call when both are needed."""
     m = p.models
@@ -402,13 +448,18 @@ def _text(p: Passes) -> None:
             blocks.append(jnp.broadcast_to(caption, (p.num_concepts, len(m.caption_ids))))
     if "obj_hidden" in p.needs:
         blocks.append(p.pick(p.data.obj_ids))
+    names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
+    if text_groups(p.params):  # each run's own encoder (SD 1.x/2.x only)
+        hidden = _encode_per_run(p, jnp.stack(blocks, axis=1), p.params.get("embeds"))
+        for k, name in enumerate(names):
+            p._values[name] = hidden[:, k]
+        return
     ids = jnp.concatenate(blocks)  # [R, T]
     learned = p.params.get("embeds")
     if learned is not None:
         learned = jnp.tile(learned, (len(blocks), 1, 1))  # [R, V, D]
     slots = placeholder_slots(ids, m.placeholder_ids) if learned is not None else None
     hidden, pooled = m.encode(p.frozen, ids, learned, slots)
-    names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
     for k, name in enumerate(names):
         rows = slice(k * p.num_concepts, (k + 1) * p.num_concepts)
         p._values[name] = hidden[rows]
@@ -423,6 +474,11 @@ def _phrases(p: Passes) -> None:
     if ids is None:
         raise ValueError("a term reads phrase_hidden but the concept data has no phrases "
                          "(build_concept_data(with_phrases=True))")
+    if text_groups(p.params):
+        hidden = _encode_per_run(p, ids, p.params.get("embeds"))  # [C_l, 2, T, D]
+        p._values["phrase_hidden"] = jnp.stack(
+            [hidden[:, 0], jax.lax.stop_gradient(hidden[:, 1])], axis=1)
+        return
     ids = ids.reshape((-1, ids.shape[-1]))  # [2 C_l, T], concept-major
     learned = p.params.get("embeds")
     slots = None
@@ -496,6 +552,24 @@ def _cat_concept(p: Passes) -> jax.Array:
     return _span_mean(p.pick(p.data.cat_hidden), span)
 
 
+def _knowledge(p: Passes) -> None:
+    """TextBoost's prior prompts of this step's rows: encoded by each run's encoder, and the
+    frozen encoder's encodings of them (constants). [C_l, b_l, T, D] each."""
+    if p.data.kp_ids is None or p.batch.kp_index is None:
+        raise ValueError("a term reads kp_hidden but the concept data has no prior prompts "
+                         "(build_concept_data(knowledge_prompts=...))")
+    index = p.per_concept(p.batch.kp_index)  # [C_l, b_l]
+    take = jax.vmap(lambda table, i: table[i])
+    ids = take(p.data.kp_ids, index)  # [C_l, b_l, T]
+    if text_groups(p.params):
+        hidden = _encode_per_run(p, ids, None)
+    else:
+        flat, _ = p.models.encode(p.frozen, ids.reshape((-1, ids.shape[-1])), None, None)
+        hidden = flat.reshape(ids.shape + flat.shape[-1:])
+    p._values["kp_hidden"] = hidden
+    p._values["kp_frozen"] = take(p.data.kp_frozen, index)
+
+
 def _loss_mask(p: Passes) -> jax.Array:
     if p.batch.mask is None:
         raise ValueError("a term reads loss_mask but the concept data has no view masks; make "
@@ -537,6 +611,8 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "cat_stats": _cat_stats,
     "loss_mask": _set("loss_mask", _loss_mask),
     "phrase_hidden": _phrases,
+    "kp_hidden": _knowledge,
+    "kp_frozen": _knowledge,
     "phrase_ids": _set("phrase_ids", lambda p: p.data.phrase_ids),
     "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
                                                           jnp.float32)),

@@ -60,6 +60,11 @@ class ConceptData:
     # ClassDiffusion's two fixed phrases per concept (`concepts.SEMANTIC_PHRASES`): "a photo of
     # a S* <cls>" and "a photo of a <cls>"; None when no stage reads them.
     phrase_ids: jax.Array | None = None  # [C, 2, T]
+    # TextBoost's prior prompts (`concepts.knowledge_prompts`): their ids, the frozen encoder's
+    # encodings of them (constant targets) and each one's probability of being drawn for a row.
+    kp_ids: jax.Array | None = None  # [C, K, T]
+    kp_frozen: jax.Array | None = None  # [C, K, T, D]
+    kp_weights: jax.Array | None = None  # [C, K], each row sums to 1
     # [C, P, h, w, 1] bool: each view's object region (Custom Diffusion's zoom augmentation,
     # `core_jax.data.zoom_views`); None: no masks (every other augmentation)
     latent_mask: jax.Array | None = None

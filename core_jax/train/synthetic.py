@@ -26,7 +26,12 @@ from core_jax.text import (
     load_tokenizer,
     placeholder_string,
 )
-from core_jax.train.concepts import ConceptSpec, LatentPool, build_concept_data
+from core_jax.train.concepts import (
+    ConceptSpec,
+    LatentPool,
+    build_concept_data,
+    knowledge_prompts,
+)
 from core_jax.train.passes import StepModels, with_shared
 from core_jax.train.stages import build_program, stage_numbers, stage_params
 from core_jax.train.state import ConceptData, TrainState, stage_keys
@@ -125,6 +130,8 @@ def random_setup(
         tokenizer, models.text_encoder, models.params["text"], text, specs, pools,
         **sdxl, **({"text_2_params": models.params["text_2"]} if sdxl else {}), **prior,
         with_phrases="phrase_hidden" in program.needs,
+        knowledge=([knowledge_prompts(s.super_category, s.templates) for s in specs]
+                   if "kp_hidden" in program.needs else None),
     )
     frozen = with_shared({k: v for k, v in models.params.items() if k != "vae"},
                          program.trains)

@@ -1,0 +1,214 @@
+"""TextBoost (`textboost`): LoRA adapters on the text encoder's q/k/v and the knowledge-
+preservation loss. The adapters start at the frozen encoder exactly; a step trains S* and the
+adapters only, with the term computed on drawn prior prompts (0.8 / 0.1 / 0.1 general / class /
+empty); the term equals a numpy writing; the merged encoder equals the adapted call; our file
+through diffusers' `load_lora_weights` adapts a pipeline's text encoder as ours; packed runs
+equal each alone; `core-jax train` with configs/textboost_tiny.py end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import packing
+import pytest
+from flax import traverse_util
+from jax.test_util import check_grads
+
+from core_jax.methods.base import Settings
+from core_jax.methods.lora import adapted_call, merge
+from core_jax.methods.textboost import METHOD, init_text_adapters
+from core_jax.train.concepts import KNOWLEDGE_SHARES, knowledge_prompts
+from core_jax.train.passes import draw_batch, merged_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(**stage):
+    from core_jax.train.synthetic import random_setup
+
+    return random_setup(preset="micro", num_concepts=2, batch_size=2,
+                        methods=("textual_inversion", "textboost"), **stage)
+
+
+def _moved(adapters, seed: int):
+    """`adapters` with B drawn too, so the adapted encoder differs from the frozen one."""
+    flat = traverse_util.flatten_dict(adapters.layers)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    flat = {path: (value if path[-1] == "A" else 0.1 * jax.random.normal(k, value.shape))
+            for (path, value), k in zip(flat.items(), keys, strict=True)}
+    return adapters.replace(layers=traverse_util.unflatten_dict(flat))
+
+
+def test_adapters_start_at_the_frozen_encoder_and_merge_as_the_adapted_call():
+    setup = _setup()
+    text, frozen = setup.text_encoder, setup.frozen["text"]
+    ids = jnp.asarray(setup.data.kp_ids[0, :4])
+    adapters = init_text_adapters(frozen, 4, 4.0, ("q_proj", "k_proj", "v_proj"),
+                                  jax.random.key(0))
+    layers = setup.text_encoder.config.num_hidden_layers
+    assert len(adapters.modules()) == 3 * layers
+    assert all(p[-1] in ("q_proj", "k_proj", "v_proj") for p in adapters.modules())
+
+    def encode(params):
+        return text.apply({"params": params}, ids).last_hidden_state
+
+    np.testing.assert_array_equal(adapted_call(encode, frozen, adapters), encode(frozen))
+    moved = _moved(adapters, 1)
+    adapted = adapted_call(encode, frozen, moved)
+    assert np.abs(adapted - encode(frozen)).max() > 1e-3
+    np.testing.assert_allclose(encode(merge(frozen, moved)), adapted, atol=2e-5)
+    run = {"text_lora": moved, "embeds": None}
+    np.testing.assert_allclose(encode(merged_text(run, frozen)), adapted, atol=2e-5)
+
+
+def test_steps_train_the_token_and_the_adapters_only_with_the_term():
+    setup = _setup(text_lora_learning_rate=1e-2)
+    assert set(setup.state.params) == {"embeds", "text_lora"}
+    assert {t.name for t in setup.program.terms} == {"diffusion", "kp"}
+    before = jax.device_get(setup.state.params)
+    state, history = packing.run_steps(setup, packing.one_device_step(setup), 3)
+    np.testing.assert_allclose(history[0]["kp"], 0.0, atol=1e-6)  # B = 0: the frozen encoder
+    assert np.all(history[2]["kp"] > 1e-5)
+    for h in history:
+        np.testing.assert_allclose(h["loss"], h["diffusion"] + 0.1 * h["kp"], rtol=1e-5)
+    for c in range(2):
+        assert np.abs(state.params["embeds"][c] - before["embeds"][c]).max() > 0
+        b = [x[c] for p, x in traverse_util.flatten_dict(state.params["text_lora"].layers).items()
+             if p[-1] == "B"]
+        assert all(np.abs(x).max() > 0 for x in b)
+
+
+def test_the_term_is_a_token_mean_of_one_minus_cosine():
+    [term] = METHOD.terms(Settings({}))
+    rng = np.random.default_rng(0)
+    hidden, frozen = rng.standard_normal((2, 2, 5, 6)).astype(np.float32)
+    got = term.fn(jnp.asarray(hidden), jnp.asarray(frozen), {})
+    h, f = hidden.astype(np.float64), frozen.astype(np.float64)
+    cos = (h * f).sum(-1) / np.linalg.norm(h, axis=-1) / np.linalg.norm(f, axis=-1)
+    np.testing.assert_allclose(got, np.mean(1 - cos), rtol=1e-5)
+    np.testing.assert_allclose(term.fn(jnp.asarray(frozen), jnp.asarray(frozen), {}), 0.0,
+                               atol=1e-6)
+    check_grads(lambda x: term.fn(x, jnp.asarray(frozen), {}),
+                              (jnp.asarray(hidden),), order=1, modes=["rev"], atol=1e-2)
+
+
+def test_prior_prompts_and_their_draws():
+    prompts, weights = knowledge_prompts("dog", ["a photo of a {}", "a {} on the grass"])
+    assert prompts[-3:] == ["a photo of a dog", "a dog on the grass", ""]
+    np.testing.assert_allclose(sum(weights), 1.0, rtol=1e-6)
+    assert len(prompts) - 3 >= 60  # the shipped general captions
+    setup = _setup()
+    data = setup.data
+    empty = int(np.flatnonzero(np.asarray(data.kp_weights[0]) > 0)[-1])  # "" comes last
+    general = len(prompts) - 3
+    classes = np.zeros(data.kp_weights.shape[1], bool)
+    classes[general:general + 8] = True  # the concept's 8 templates with its class word
+    np.testing.assert_allclose(data.kp_weights[0][classes], KNOWLEDGE_SHARES["class"] / 8)
+    drawn = []
+    draw = jax.jit(lambda step: draw_batch(setup.state.rng, jnp.full((2,), step), data,
+                                           setup.schedule, jnp.arange(4)))
+    for step in range(300):
+        batch = draw(step)
+        drawn.append(np.asarray(batch.kp_index).reshape(2, 4))
+    drawn = np.concatenate(drawn, axis=1)  # [2, 1200]
+    assert 0.07 < np.mean(drawn == empty) < 0.13
+    assert 0.07 < np.mean(classes[drawn[0]]) < 0.13
+    assert not np.array_equal(drawn[0], drawn[1])  # each concept its own draws
+
+
+@pytest.mark.slow
+def test_packed_runs_equal_each_alone():
+    per_run = [{"text_lora_learning_rate": 1e-2}, {"text_lora_learning_rate": 3e-3}]
+    setup = _setup(per_run=per_run)
+    together, history = packing.run_steps(setup, packing.one_device_step(setup), 3)
+    for c in range(2):
+        alone = packing.alone(_setup(per_run=per_run), c)
+        state, alone_history = packing.run_steps(alone, packing.one_device_step(alone), 3)
+        for h_alone, h_together in zip(alone_history, history, strict=True):
+            for name in ("loss", "kp", "diffusion"):
+                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-4,
+                                           atol=1e-7)
+        want = np.concatenate([np.ravel(x[c]) for x in jax.tree.leaves(together.params)])
+        got = np.concatenate([np.ravel(x[0]) for x in jax.tree.leaves(state.params)])
+        assert np.linalg.norm(got - want) < 2e-4 * np.linalg.norm(want)
+
+
+def test_exported_adapters_load_in_diffusers_text_encoder(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from torch_helpers import tiny_pipeline
+
+    from core_jax import weights
+    from core_jax.export import LORA_NAME, export_concept
+
+    pipe = tiny_pipeline(seed=3)
+    pipe.text_encoder.save_pretrained(tmp_path / "base" / "text_encoder")
+    text, params = weights.load_text_encoder(tmp_path / "base")
+    adapters = _moved(init_text_adapters(params, 4, 2.0, ("q_proj", "k_proj", "v_proj"),
+                                         jax.random.key(3)), 4)
+    ids = np.asarray(pipe.tokenizer(["a photo of a dog", "a red car"], padding="max_length",
+                                    max_length=77, return_tensors="np").input_ids)
+    ours = np.asarray(text.apply({"params": merge(params, adapters)}, jnp.asarray(ids))
+                      .last_hidden_state)
+    with torch.no_grad():
+        base = pipe.text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
+    assert np.abs(ours - base).max() > 1e-2
+    written = export_concept(tmp_path / "run", name="dog", placeholder="<s*>",
+                             text_lora=jax.device_get(adapters))
+    assert written["lora"] == tmp_path / "run" / LORA_NAME and "lora_kohya" not in written
+    pipe.load_lora_weights(str(tmp_path / "run"))
+    with torch.no_grad():
+        theirs = pipe.text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+MICRO = [
+    "--config.model.preset=micro", "--config.data.resolution=16", "--config.data.num_views=4",
+    "--config.stage1.steps=2", "--config.stage1.batch_size=2",
+    "--config.sample.steps=2", "--config.sample.images_per_prompt=1",
+    "--config.sample.prompts=('a photo of a {}',)", "--config.log_every=1",
+    "--config.checkpoint_every=2",
+]
+
+
+@pytest.mark.slow
+def test_core_jax_train_with_textboost_tiny(tmp_path):
+    from safetensors.numpy import load_file
+
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "core_jax", "train", "--config",
+         str(ROOT / "configs/textboost_tiny.py"), "--workdir", str(workdir), *MICRO],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("step") == 2][-1]
+    assert np.isfinite(last["diffusion"]) and last["kp"] > 0
+    names = load_file(workdir / "pytorch_lora_weights.safetensors")
+    assert names and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in names)
+    assert (workdir / "learned_embeds.safetensors").is_file()
+    assert (workdir / "samples" / "stage1_step000002.png").is_file()
+    sample = subprocess.run(
+        [sys.executable, "-m", "core_jax", "sample", "--workdir", str(workdir), "--prompt",
+         "a S* on the beach", "--num_images", "1", "--steps", "2", "--out",
+         str(tmp_path / "beach.png")],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=600)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert (tmp_path / "beach.png").is_file()
+
+    from core_jax.train.outputs import export_run
+
+    written = export_run(workdir, tmp_path / "export")
+    again = load_file(tmp_path / "export" / "pytorch_lora_weights.safetensors")
+    assert tmp_path / "export" / "pytorch_lora_weights.safetensors" in written
+    for key, value in names.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
