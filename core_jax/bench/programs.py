@@ -5,8 +5,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (`METHOD_STAGES`): `unet` (CoRe's stage 2: each run's copy of the whole U-Net trains), `lora`
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
-and S*, masked loss), `tto` (CoRe's test-time optimization: L_emb and L_attn, no diffusion
-loss); and `sample` (a 50-step DDIM chain with classifier-free guidance).
+and S*, masked loss), `xti` (S*'s vectors per cross-attention layer: 16 text passes), `tto`
+(CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and `sample` (a 50-step
+DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -64,6 +65,9 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "dreambooth": (("unet_finetune", "prior_preservation"), dict(learning_rate=5e-6)),
     # Custom Diffusion: attn2's K/V and S*, the masked loss (lr 1e-5 x images, here 6).
     "custom_diffusion": (("custom_diffusion",), dict(learning_rate=6e-5)),
+    # XTI / P+: S*'s vectors per cross-attention layer, the text encoder once per layer (lr:
+    # core_jax.methods.xti's, [UNVERIFIED] for XTI).
+    "xti": (("xti",), dict(learning_rate=5e-3)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(

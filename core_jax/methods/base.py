@@ -91,6 +91,11 @@ class ParamGroup:
     # optimizer state split over the devices of the run's data axis (`core_jax.train.step`).
     # Hooks then see only a device's slice of it, so no hook may read such a group.
     split_over_data: bool = False
+    # (one run's value) -> S*'s vectors per cross-attention layer [L, V, D] (P+: XTI's group;
+    # NeTI's mapper would compute them). With it, every text pass encodes its prompts once per
+    # layer and the U-Net's layer k reads encoding k (`core_jax.layer_contexts`): the run's
+    # "embeds" then fill no prompt. None: the group supplies no per-layer vectors.
+    layer_vectors: Callable[[Any], Any] | None = None
 
 
 def _none(settings: Settings) -> tuple:
