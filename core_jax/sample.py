@@ -268,6 +268,9 @@ def encode_prompts(
     takes the learned vectors ``[V, D]``; ``learned`` may be None only if no prompt has it.
     """
     ids, mask, slot, learned = _prompt_arrays(pipeline, prompts, learned)
+    if learned.ndim != 2:
+        raise ValueError("encode_prompts takes [V, D] vectors; per-layer ones give one encoding "
+                         "per layer (core_jax.text.encode_per_layer)")
     return np.asarray(pipeline._encode_fn(pipeline.text_params, ids, mask, slot, learned))
 
 
