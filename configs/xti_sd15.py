@@ -14,11 +14,11 @@ Command:
         --config.concept.images=photos/dog --config.concept.super_category=dog
     core-jax sample --workdir runs/dog-xti --prompt "a S* in the jungle"
 
-Time: about a TI step (the same one U-Net pass with backward) plus 16 text-encoder passes.
+Time: per step about TI's (1 U-Net pass with backward) plus 16 text-encoder passes; not
+measured (no SD 1.5 weights on this machine).
 What it should reach: xti_embeds.safetensors (16 layers' vectors, diffusers module names; what
 `core-jax sample` draws with), learned_embeds.safetensors holding their mean (a single-vector
 stand-in); per the paper, reconstruction at least TI's in fewer steps, editability like TI's.
-Not measured here (no SD 1.5 weights on this machine).
 """
 
 from core_jax.config import base_config, stage_config

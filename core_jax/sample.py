@@ -250,7 +250,8 @@ def _prompt_arrays(
     if not num_vectors:
         raise ValueError("learned vectors given, but the pipeline has no placeholder tokens")
     learned = np.asarray(learned, np.float32)
-    num_layers = len(cross_attention_layers(pipeline.unet))
+    # Per-layer vectors (XTI): one [V, D] set per cross-attention layer.
+    num_layers = len(cross_attention_layers(pipeline.unet)) if learned.ndim == 3 else "L"
     if learned.shape not in ((num_vectors, dim), (num_layers, num_vectors, dim)):
         raise ValueError(
             f"learned vectors must be [V, D] = [{num_vectors}, {dim}] or, per cross-attention "
