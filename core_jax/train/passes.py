@@ -236,24 +236,23 @@ def with_shared(frozen: dict[str, Any], groups: Iterable[str]) -> dict[str, Any]
     return out
 
 
+def _layer_group(params: dict[str, Any]) -> str | None:
+    """The run's group that supplies S*'s vectors per cross-attention layer, if any."""
+    return next((name for name in sorted(params) if group_of(name).layer_vectors), None)
+
+
 def layer_vectors(params: dict[str, Any]) -> jax.Array | None:
     """S*'s vectors per cross-attention layer [C, L, V, D] from the run's group that supplies
     them (`ParamGroup.layer_vectors`), each leaf [C, ...]; None when no group does."""
-    for name in sorted(params):
-        make = group_of(name).layer_vectors
-        if make is not None:
-            return jax.vmap(make)(params[name])
-    return None
+    name = _layer_group(params)
+    return None if name is None else jax.vmap(group_of(name).layer_vectors)(params[name])
 
 
 def run_vectors(params: dict[str, Any]) -> Any:
     """The vectors one run (its params without the concept axis) samples with: per layer
     [L, V, D] when a group supplies them, else its "embeds" [V, D]."""
-    for name in sorted(params):
-        make = group_of(name).layer_vectors
-        if make is not None:
-            return make(params[name])
-    return params["embeds"]
+    name = _layer_group(params)
+    return params["embeds"] if name is None else group_of(name).layer_vectors(params[name])
 
 
 def merged_unet(params: dict[str, Any], unet_params: Any) -> Any:
@@ -333,7 +332,7 @@ class Passes:
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
         num_layers = max((c.shape[1] for c in contexts if c.ndim == 4), default=0)
-        if num_layers:  # per-layer contexts [C_l, L, T, D]: every context of the call so
+        if num_layers:  # per-layer contexts [C_l, L, T, D]: the others the same at every layer
             contexts = [c if c.ndim == 4 else jnp.broadcast_to(
                 c[:, None], (c.shape[0], num_layers) + c.shape[1:]) for c in contexts]
         own = (self.per_concept(self.x_t), self.per_concept(b.timesteps))
