@@ -82,7 +82,7 @@ def _check_stage(settings: Settings) -> None:
 
     if len(settings.encoder_widths) > 1:
         raise InputError("xti needs one text encoder (SD 1.x/2.x); SDXL's two are not built")
-    for name in settings.stage["methods"]:
+    for name in settings.stage.get("methods", ()):  # none where no stage is given (listing)
         method = get_method(name)
         if method.name == METHOD.name:
             continue
