@@ -14,6 +14,10 @@
 - `save_svdiff`: SVDiff's spectral shifts as `spectral_shifts.safetensors`, one float32 vector
   per U-Net weight matrix named `<diffusers module>.delta` (svdiff-pytorch's parameter names);
   the U-Net they make goes out as a `unet/` folder beside it (`export_concept`).
+- `save_xti_embeds` / `load_xti_embeds`: XTI's vectors per cross-attention layer as
+  `xti_embeds.safetensors`, one [V, D] float32 tensor per layer named by its diffusers module
+  ("down_blocks.0.attentions.0.transformer_blocks.0.attn2"), the placeholder in the metadata;
+  read back in the U-Net's layer order for `core_jax.sample.generate` ([L, V, D]).
 - `save_custom_diffusion`: Custom Diffusion's cross-attention keys and values as
   `pytorch_custom_diffusion_weights.safetensors` and, when torch is installed,
   `pytorch_custom_diffusion_weights.bin`, diffusers' names
@@ -54,6 +58,7 @@ SVDIFF_NAME = "spectral_shifts.safetensors"  # svdiff-pytorch's file name for th
 # The names diffusers' save_attn_procs writes and its docs load.
 CUSTOM_DIFFUSION_NAME = "pytorch_custom_diffusion_weights.safetensors"
 CUSTOM_DIFFUSION_BIN_NAME = "pytorch_custom_diffusion_weights.bin"
+XTI_NAME = "xti_embeds.safetensors"
 A1111_KEY = "emb_params"
 
 
@@ -245,6 +250,54 @@ def save_svdiff(path: str | os.PathLike, deltas: Any) -> Path:
     return out
 
 
+def xti_layer_name(layer: str) -> str:
+    """A cross-attention layer's path ("down_blocks_0/attentions_0/transformer_blocks_0") as
+    diffusers names its attention module
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn2")."""
+    return weights.path_to_torch_key((*layer.split("/"), "attn2", "kernel")).removesuffix(".weight")
+
+
+def save_xti_embeds(
+    path: str | os.PathLike, placeholder: str, layers: list[str], vectors: np.ndarray
+) -> Path:
+    """Write XTI's vectors [L, V, D] of one run, layer k's (path `layers[k]`,
+    `core_jax.layer_contexts.cross_attention_layers`) under its diffusers module name, the
+    placeholder in the metadata. `path` is a `.safetensors` file or an existing folder (then
+    `xti_embeds.safetensors` inside it). Returns the file written."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 3 or vectors.shape[0] != len(layers):
+        raise ValueError(f"XTI vectors must be [L, V, D] with L = {len(layers)} layers, got "
+                         f"{vectors.shape}")
+    state = {xti_layer_name(layer): _check_vectors(v) for layer, v in zip(layers, vectors,
+                                                                         strict=True)}
+    out = _output_file(path, XTI_NAME)
+    atomic_write_bytes(out, lambda: safetensors.numpy.save(
+        state, {"placeholder": placeholder, "format": "pt"}))
+    return out
+
+
+def load_xti_embeds(path: str | os.PathLike, layers: list[str]) -> tuple[str, np.ndarray]:
+    """(placeholder, vectors [L, V, D] float32) from `save_xti_embeds`' file (or a folder
+    holding it), layer k's vectors those of `layers[k]` (the U-Net's order); a file whose layers
+    are not the U-Net's is an InputError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / XTI_NAME
+    if not path.is_file():
+        raise InputError(f"no XTI embedding file at {path}")
+    try:
+        with safetensors.safe_open(str(path), "np") as f:
+            placeholder = (f.metadata() or {}).get("placeholder", "")
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # the library raises several types for a damaged header
+        raise InputError(f"{path} is not a readable safetensors file: {err}") from err
+    names = [xti_layer_name(layer) for layer in layers]
+    if set(state) != set(names):
+        raise InputError(f"{path} holds vectors for layers {sorted(set(state) - set(names))[:3]} "
+                         f"and lacks {sorted(set(names) - set(state))[:3]}: not this U-Net's")
+    return placeholder, np.stack([state[n] for n in names]).astype(np.float32)
+
+
 def save_custom_diffusion(folder: str | os.PathLike, kv: Any) -> dict[str, Path]:
     """Write one run's cross-attention K/V (no concept axis; `core_jax.methods.custom_diffusion`)
     into `folder` for diffusers' `load_attn_procs`: the safetensors file, and the `.bin` (torch's
@@ -300,6 +353,7 @@ def export_concept(
     text_lora: LoraAdapters | None = None,
     step: int | None = None,
     sdxl_width_1: int | None = None,
+    xti: tuple[list[str], np.ndarray] | None = None,
 ) -> dict[str, Path]:
     """Everything a run hands to other tools, written the one way every run writes it:
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
@@ -308,7 +362,8 @@ def export_concept(
     (kohya: A1111, ComfyUI) for U-Net adapters (the first also holds text-encoder adapters,
     `text_lora`), `spectral_shifts.safetensors` for SVDiff's
     shifts (whose merged U-Net is `unet`), `pytorch_custom_diffusion_weights.safetensors` (and
-    `.bin`) for Custom Diffusion's K/V. SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
+    `.bin`) for Custom Diffusion's K/V, `xti_embeds.safetensors` for XTI's (layer paths,
+    vectors [L, V, D]). SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
     A1111 file is the SDXL embedding (`clip_l`, `clip_g`; diffusers loads it tensor by tensor),
     and learned_embeds.safetensors keeps them whole for `core-jax sample`. Returns what was
     written, by kind."""
@@ -337,4 +392,6 @@ def export_concept(
         written["svdiff"] = save_svdiff(folder / SVDIFF_NAME, svdiff)
     if custom_diffusion is not None:
         written.update(save_custom_diffusion(folder, custom_diffusion))
+    if xti is not None:
+        written["xti"] = save_xti_embeds(folder / XTI_NAME, placeholder, *xti)
     return written

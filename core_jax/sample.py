@@ -38,6 +38,7 @@ from core_jax.diffusion import (
     sample,
 )
 from core_jax.errors import InputError
+from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
 from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import random_models
@@ -45,6 +46,7 @@ from core_jax.models.unet import UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
     add_placeholder_tokens,
+    encode_per_layer,
     encode_sdxl_with_learned,
     encode_with_learned,
     load_tokenizer,
@@ -156,9 +158,18 @@ def _sample(
 
     Returns ``[N * images_per_prompt, H, W, 3]`` uint8 images if ``decode``, else the final
     U-Net-scale latents ``[N * images_per_prompt, h, w, C]`` float32; prompt-major order.
+    ``learned`` [L, V, D] holds vectors per cross-attention layer (XTI): each prompt is encoded
+    once per layer and layer k reads encoding k (`core_jax.layer_contexts`).
     """
     added = {}
-    if text_encoder_2 is None:
+    per_layer = learned.ndim == 3
+    if per_layer:
+        if text_encoder_2 is not None:
+            raise ValueError("per-layer vectors need one text encoder (SD 1.x/2.x)")
+        context = encode_per_layer(text_encoder, params["text"], ids, learned, (mask, slot))
+        cond = jnp.repeat(context[:, 1:], images_per_prompt, axis=1)  # [L, N k, T, D]
+        uncond = jnp.broadcast_to(context[:, :1], cond.shape)
+    elif text_encoder_2 is None:
         # The unconditional prompt rides along in the same text-encoder call.
         context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
         cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
@@ -175,12 +186,16 @@ def _sample(
         time_ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
         added = {"text_embeds": jnp.concatenate([jnp.zeros_like(pooled), pooled]),
                  "time_ids": jnp.broadcast_to(time_ids, (2 * cond.shape[0], 6))}
-    both = jnp.concatenate([uncond, cond])  # guided()'s order: unconditional half first
+    # guided()'s order: unconditional half first
+    both = jnp.concatenate([uncond, cond], axis=int(per_layer))
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        return unet.apply({"params": params["unet"]}, x, t, both, **added)
+        if not per_layer:
+            return unet.apply({"params": params["unet"]}, x, t, both, **added)
+        with per_layer_contexts(cross_attention_layers(unet)):
+            return unet.apply({"params": params["unet"]}, x, t, join_layers(both))
 
-    shape = (cond.shape[0], *latent_hw, unet.config.in_channels)
+    shape = (cond.shape[-3], *latent_hw, unet.config.in_channels)
     if key.ndim:  # one key per image (images_per_prompt 1, eta 0): noise as `generate` draws
         # it for that image alone, so an image does not depend on the batch it was drawn in.
         x_T = jax.vmap(lambda k: jax.random.normal(
@@ -215,7 +230,8 @@ def _expand_placeholder(pipeline: Pipeline, prompt: str) -> str:
 def _prompt_arrays(
     pipeline: Pipeline, prompts: Sequence[str], learned: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, slot) ``[N, 77]`` and the learned vectors ``[max(V, 1), D]`` float32."""
+    """(ids, mask, slot) ``[N, 77]`` and the learned vectors ``[max(V, 1), D]`` (or, given per
+    cross-attention layer, ``[L, V, D]``) float32."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a string")
     if not prompts:
@@ -234,9 +250,12 @@ def _prompt_arrays(
     if not num_vectors:
         raise ValueError("learned vectors given, but the pipeline has no placeholder tokens")
     learned = np.asarray(learned, np.float32)
-    if learned.shape != (num_vectors, dim):
+    # Per-layer vectors (XTI): one [V, D] set per cross-attention layer.
+    num_layers = len(cross_attention_layers(pipeline.unet)) if learned.ndim == 3 else "L"
+    if learned.shape not in ((num_vectors, dim), (num_layers, num_vectors, dim)):
         raise ValueError(
-            f"learned vectors must be [V, D] = [{num_vectors}, {dim}], got {learned.shape}"
+            f"learned vectors must be [V, D] = [{num_vectors}, {dim}] or, per cross-attention "
+            f"layer, [L, V, D] = [{num_layers}, {num_vectors}, {dim}]; got {learned.shape}"
         )
     return ids, mask, slot, learned
 
@@ -250,6 +269,9 @@ def encode_prompts(
     takes the learned vectors ``[V, D]``; ``learned`` may be None only if no prompt has it.
     """
     ids, mask, slot, learned = _prompt_arrays(pipeline, prompts, learned)
+    if learned.ndim != 2:
+        raise ValueError("encode_prompts takes [V, D] vectors; per-layer ones give one encoding "
+                         "per layer (core_jax.text.encode_per_layer)")
     return np.asarray(pipeline._encode_fn(pipeline.text_params, ids, mask, slot, learned))
 
 
@@ -335,7 +357,8 @@ def generate(
     """Images ``[N * num_images_per_prompt, H, W, 3]`` uint8 for N prompts, prompt-major.
 
     Classifier-free guidance against the empty prompt, both halves in one U-Net call per step.
-    ``learned`` ``[V, D]`` fills the placeholder positions (see ``encode_prompts``). ``height`` /
+    ``learned`` ``[V, D]`` fills the placeholder positions (see ``encode_prompts``); ``[L, V, D]``
+    gives each cross-attention layer its own (XTI, `load_xti_embeds`). ``height`` /
     ``width`` default to the U-Net's ``sample_size`` times the VAE factor. The result depends only
     on the arguments: the initial noise and DDIM's ``eta`` noise come from ``seed``.
     """

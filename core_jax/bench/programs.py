@@ -6,9 +6,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 (rank-4 adapters on the attention projections), `svdiff` (spectral shifts of every weight
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
 and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
-`textboost` (S* and text-encoder LoRA with knowledge preservation), `tto`
-(CoRe's test-time optimization: L_emb and L_attn, no diffusion loss); and `sample` (a
-50-step DDIM chain with classifier-free guidance).
+`textboost` (S* and text-encoder LoRA with knowledge preservation), `xti` (S*'s vectors per
+cross-attention layer: 16 text passes), `tto` (CoRe's test-time optimization: L_emb and L_attn,
+no diffusion loss); and `sample` (a 50-step DDIM chain with classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -71,6 +71,9 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # TextBoost: S* at 1e-3, the text encoder's q/k/v adapters at 1e-4 (its code's).
     "textboost": (("textual_inversion", "textboost"), dict(
         learning_rate=1e-3, text_lora_learning_rate=1e-4)),
+    # XTI / P+: S*'s vectors per cross-attention layer, the text encoder once per layer (lr:
+    # core_jax.methods.xti's, [UNVERIFIED] for XTI).
+    "xti": (("xti",), dict(learning_rate=5e-3)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(

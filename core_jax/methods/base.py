@@ -102,6 +102,11 @@ class ParamGroup:
     # (one run's value as a checkpoint restores it without a target: plain dicts, static
     # fields lost; the config of the stage that trains it) -> the value. None: used as restored.
     from_checkpoint: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    # (one run's value) -> S*'s vectors per cross-attention layer [L, V, D] (P+: XTI's group;
+    # NeTI's mapper would compute them). With it, every text pass encodes its prompts once per
+    # layer and the U-Net's layer k reads encoding k (`core_jax.layer_contexts`): the run's
+    # "embeds" then fill no prompt. None: the group supplies no per-layer vectors.
+    layer_vectors: Callable[[Any], Any] | None = None
 
 
 def _none(settings: Settings) -> tuple:

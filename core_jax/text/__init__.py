@@ -2,6 +2,7 @@
 
 from core_jax.text.context import RegularizationPrompts, regularization_prompts
 from core_jax.text.inject import (
+    encode_per_layer,
     encode_sdxl_with_learned,
     encode_with_learned,
     placeholder_slots,
@@ -36,6 +37,7 @@ __all__ = [
     "check_template",
     "clip_tokenizer_dir",
     "encode_sdxl_with_learned",
+    "encode_per_layer",
     "encode_with_learned",
     "fill_prompt",
     "fill_template",

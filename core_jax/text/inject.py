@@ -53,6 +53,28 @@ def encode_with_learned(
     ).last_hidden_state
 
 
+def encode_per_layer(
+    text_encoder: nn.Module,
+    text_params: Any,
+    ids: jax.Array,
+    learned: jax.Array,
+    slots: tuple[jax.Array, jax.Array],
+) -> jax.Array:
+    """Last hidden states [L, R, T, D] of ids [R, T] with per-layer learned vectors (P+):
+    `learned` [L, V, D] (every row's concept) or [R, L, V, D] (a concept per row); layer k's
+    encoding takes vectors k. One encoder call over L x R rows."""
+    num_rows = ids.shape[0]
+    if learned.ndim == 3:
+        learned = jnp.broadcast_to(learned, (num_rows,) + learned.shape)
+    num_layers = learned.shape[1]
+    per_layer = jnp.swapaxes(learned, 0, 1).reshape((num_layers * num_rows,) + learned.shape[2:])
+    mask, slot = slots
+    tile = lambda a: jnp.tile(a, (num_layers, 1))  # noqa: E731  [R, T] -> [L R, T], layer-major
+    hidden = encode_with_learned(text_encoder, text_params, tile(ids), per_layer,
+                                 (tile(mask), tile(slot)))
+    return hidden.reshape((num_layers, num_rows) + hidden.shape[1:])
+
+
 def second_encoder_ids(ids: jax.Array, eos_token_id: int, pad_id_2: int) -> jax.Array:
     """SDXL's second tokenizer's ids from the first's: the same tokens up to the first
     end-of-text, its own padding after it (tokenizer 1 pads with end-of-text, tokenizer 2 with

@@ -42,7 +42,13 @@ from core_jax.train.checkpoints import RunCheckpoints
 from core_jax.train.class_pool import ClassPools, pool_spec
 from core_jax.train.concepts import ConceptSpec, LatentPool, knowledge_prompts
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
-from core_jax.train.passes import merged_text, merged_unet, with_shared
+from core_jax.train.passes import (
+    cross_attention_layers,
+    merged_text,
+    merged_unet,
+    run_vectors,
+    with_shared,
+)
 from core_jax.train.profile import StepProfiler
 from core_jax.train.runlog import MetricsLog, Progress, plot_loss_curves
 from core_jax.train.stages import (
@@ -443,6 +449,8 @@ def _export_runs(
         unet_folder = (unet, params["unet"]) if "unet" in params else None
         if "svdiff" in params and unet_folder is None:
             unet_folder = (unet, jax.device_get(merged_unet(params, base_unet)))
+        vectors = run_vectors(params)  # [L, V, D] per cross-attention layer (XTI)
+        per_layer = (list(cross_attention_layers(unet)), vectors) if vectors.ndim == 3 else None
         export.export_concept(
             run.folder, name=c_config.name, placeholder=c_config.placeholder,
             vectors=params["embeds"],
@@ -453,6 +461,7 @@ def _export_runs(
             text_lora=params.get("text_lora"),
             step=step,
             sdxl_width_1=sdxl_width_1,
+            xti=per_layer,
         )
 
 
@@ -474,7 +483,7 @@ def _sample_grids(
         prompts = [fill_prompt(p, group.text, run.config.concept.super_category)
                    for p in s.prompts]
         images = generate(
-            pipeline, prompts, params["embeds"], num_images_per_prompt=s.images_per_prompt,
+            pipeline, prompts, run_vectors(params), num_images_per_prompt=s.images_per_prompt,
             steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
             seed=run.config.seed,
         )

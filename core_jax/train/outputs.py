@@ -24,7 +24,13 @@ from core_jax.sample import generate
 from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
-from core_jax.train.passes import merged_text, merged_unet, unet_groups
+from core_jax.train.passes import (
+    cross_attention_layers,
+    merged_text,
+    merged_unet,
+    run_vectors,
+    unet_groups,
+)
 from core_jax.train.stages import stage_methods, stage_names
 
 
@@ -91,13 +97,19 @@ def sample_run(
     each prompt first and saves them as WORKDIR/tto/<prompt>.safetensors; each prompt then has
     two rows drawn from the same noise: with the trained vectors, then with the adapted ones."""
     config = load_run_config(workdir)
+    models = run_setup.load_models(config)
     embeds_path = workdir / "learned_embeds.safetensors"
-    if embeds_path.is_file():
+    if (workdir / export.XTI_NAME).is_file():  # vectors per cross-attention layer
+        _, learned = export.load_xti_embeds(workdir / export.XTI_NAME,
+                                            list(cross_attention_layers(models.unet)))
+    elif embeds_path.is_file():
         _, learned = export.load_learned_embeds(embeds_path)
     else:  # a run still in stage 1 (or stopped): its newest checkpoint
         _, items = latest_checkpoint(workdir)
-        learned = checkpoint_params(items)["embeds"]
-    models = run_setup.load_models(config)
+        learned = run_vectors(checkpoint_params(items))
+    if tto_steps and np.ndim(learned) == 3:
+        raise InputError("test-time optimization adapts one vector per token; this run's "
+                         "vectors are per cross-attention layer (XTI)")
     unet_params = models.params["unet"]
     if use_stage2_unet and (workdir / "unet" / "config.json").is_file():
         _, unet_params = weights.load_unet(workdir / "unet")
@@ -196,11 +208,15 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     elif "svdiff" in params:
         models = run_setup.load_models(config)
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
+    vectors, per_layer = run_vectors(params), None
+    if np.ndim(vectors) == 3:  # XTI: per cross-attention layer
+        module = run_setup.load_models(config).unet
+        per_layer = (list(cross_attention_layers(module)), vectors)
     written = export.export_concept(
         out, name=config.concept.name, placeholder=config.concept.placeholder,
         vectors=params["embeds"], unet=unet, lora=params.get("lora"),
         svdiff=params.get("svdiff"), custom_diffusion=params.get("custom_diffusion"),
         text_lora=params.get("text_lora"), step=step,
-        sdxl_width_1=run_setup.sdxl_width_1(config),
+        sdxl_width_1=run_setup.sdxl_width_1(config), xti=per_layer,
     )
     return list(written.values())

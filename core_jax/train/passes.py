@@ -23,6 +23,10 @@ batch rows [b_l].
 | loss_mask | [C, b, h, w, 1] | each row's object region (views with masks only) |
 | data_shards | [C] | how many devices split the rows (for batch sums) |
 
+With per-layer vectors (a group with `ParamGroup.layer_vectors`: XTI), caption_hidden and
+obj_hidden are [C, L, T, D], one encoding per cross-attention layer, and the U-Net passes give
+layer k encoding k (`core_jax.layer_contexts`); terms that read them whole refuse such runs.
+
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
 The class rows of prior preservation (b per concept, drawn from the concept's pool of generated
 class images, `ConceptData.class_mean`) ride in the caption pass's U-Net call, as diffusers'
@@ -37,20 +41,20 @@ one call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
+from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
 from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
 from core_jax.text import (
+    encode_per_layer,
     encode_sdxl_with_learned,
     encode_with_learned,
     placeholder_slots,
@@ -95,25 +99,6 @@ class StepModels:
         ids_2 = second_encoder_ids(ids, self.eos_id, self.pad_id_2)
         return encode_sdxl_with_learned(self.text_encoder, self.text_encoder_2, frozen, ids,
                                         ids_2, learned, slots)
-
-
-@functools.cache
-def cross_attention_layers(unet: nn.Module) -> tuple[str, ...]:
-    """The paths of `unet`'s cross-attention layers ("down_blocks_1/attentions_0/
-    transformer_blocks_0", ...; diffusers' module names) in the order `cross_attention_stats`
-    stacks their statistics. Found by tracing an init (`jax.eval_shape`: nothing computed)."""
-    sown = jax.eval_shape(
-        lambda: unet.init(jax.random.key(0), **unet.config.example_inputs()))["attn_stats"]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(sown)
-    # Each statistic replaced by its leaf number: cross_attention_stats says their order.
-    numbered = jax.tree_util.tree_unflatten(
-        treedef, [np.full(leaf.shape, k, np.int32) for k, (_, leaf) in enumerate(leaves)])
-    order = np.asarray(cross_attention_stats({"attn_stats": numbered}))
-    paths = []
-    for k in order.reshape(len(order), -1)[:, 0]:
-        keys = [entry.key for entry in leaves[k][0] if isinstance(entry, jax.tree_util.DictKey)]
-        paths.append("/".join(keys[: keys.index("attn2")]))
-    return tuple(paths)
 
 
 @flax.struct.dataclass
@@ -258,6 +243,25 @@ def with_shared(frozen: dict[str, Any], groups: Iterable[str]) -> dict[str, Any]
     return out
 
 
+def _layer_group(params: dict[str, Any]) -> str | None:
+    """The run's group that supplies S*'s vectors per cross-attention layer, if any."""
+    return next((name for name in sorted(params) if group_of(name).layer_vectors), None)
+
+
+def layer_vectors(params: dict[str, Any]) -> jax.Array | None:
+    """S*'s vectors per cross-attention layer [C, L, V, D] from the run's group that supplies
+    them (`ParamGroup.layer_vectors`), each leaf [C, ...]; None when no group does."""
+    name = _layer_group(params)
+    return None if name is None else jax.vmap(group_of(name).layer_vectors)(params[name])
+
+
+def run_vectors(params: dict[str, Any]) -> Any:
+    """The vectors one run (its params without the concept axis) samples with: per layer
+    [L, V, D] when a group supplies them, else its "embeds" [V, D]."""
+    name = _layer_group(params)
+    return params["embeds"] if name is None else group_of(name).layer_vectors(params[name])
+
+
 def merged_unet(params: dict[str, Any], unet_params: Any) -> Any:
     """The U-Net params one run (its params without the concept axis) amounts to: for sampling
     and exports, never inside the step. Shared values come from `unet_params` as given (the
@@ -347,6 +351,10 @@ class Passes:
         [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
+        num_layers = max((c.shape[1] for c in contexts if c.ndim == 4), default=0)
+        if num_layers:  # per-layer contexts [C_l, L, T, D]: the others the same at every layer
+            contexts = [c if c.ndim == 4 else jnp.broadcast_to(
+                c[:, None], (c.shape[0], num_layers) + c.shape[1:]) for c in contexts]
         own = (self.per_concept(self.x_t), self.per_concept(b.timesteps))
         xs, ts = zip(*[own if i is None else i for i in (inputs or [None] * n)], strict=True)
         per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
@@ -362,7 +370,12 @@ class Passes:
         def apply(params: Any, x: jax.Array, t: jax.Array, ctx: Any):
             ctx, added = (ctx, {}) if pooled is None else (
                 ctx[0], {"text_embeds": ctx[1], "time_ids": ctx[2]})
-            out = unet.apply({"params": params}, x, t, ctx, mutable=mutable, **added)
+            if num_layers:  # ctx [rows, L, T, D]: layer k reads its own T tokens
+                with per_layer_contexts(self.models.attention_layers()):
+                    out = unet.apply({"params": params}, x, t,
+                                     join_layers(jnp.swapaxes(ctx, 0, 1)), mutable=mutable)
+            else:
+                out = unet.apply({"params": params}, x, t, ctx, mutable=mutable, **added)
             return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
 
         groups = unet_groups(self.params)
@@ -450,16 +463,27 @@ def _text(p: Passes) -> None:
         blocks.append(p.pick(p.data.obj_ids))
     names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
     if text_groups(p.params):  # each run's own encoder (SD 1.x/2.x only)
+        if layer_vectors(p.params) is not None:
+            raise ValueError("per-layer vectors (XTI) through an adapted text encoder are not "
+                             "built")
         hidden = _encode_per_run(p, jnp.stack(blocks, axis=1), p.params.get("embeds"))
         for k, name in enumerate(names):
             p._values[name] = hidden[:, k]
         return
     ids = jnp.concatenate(blocks)  # [R, T]
-    learned = p.params.get("embeds")
+    per_layer = layer_vectors(p.params)  # [C, L, V, D] or None
+    learned = p.params.get("embeds") if per_layer is None else per_layer
     if learned is not None:
-        learned = jnp.tile(learned, (len(blocks), 1, 1))  # [R, V, D]
+        learned = jnp.tile(learned, (len(blocks),) + (1,) * (learned.ndim - 1))  # [R, (L,) V, D]
     slots = placeholder_slots(ids, m.placeholder_ids) if learned is not None else None
-    hidden, pooled = m.encode(p.frozen, ids, learned, slots)
+    if per_layer is None:
+        hidden, pooled = m.encode(p.frozen, ids, learned, slots)
+    else:  # one encoding per cross-attention layer: [R, L, T, D]
+        if m.text_encoder_2 is not None:
+            raise ValueError("per-layer vectors need one text encoder (SD 1.x/2.x)")
+        hidden = jnp.swapaxes(encode_per_layer(m.text_encoder, p.frozen["text"], ids, learned,
+                                               slots), 0, 1)
+        pooled = None
     for k, name in enumerate(names):
         rows = slice(k * p.num_concepts, (k + 1) * p.num_concepts)
         p._values[name] = hidden[rows]
