@@ -490,7 +490,7 @@ def _sample_grids(
         path = save_image_grid(images, run.folder / "samples" / f"{stage}_step{step:06d}.png",
                                nrow=s.images_per_prompt * 2)
         logs[run.name].image(f"samples/{stage}", step, _read_png(path))
-    pipeline.unet_params = base_unet
+    pipeline.unet_params, pipeline.text_params = base_unet, base_text
 
 
 def _read_png(path: Path) -> np.ndarray:
