@@ -165,7 +165,8 @@ def checkpoint_params(items: dict[str, Any]) -> dict[str, Any]:
 
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any
-    (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts),
+    (a trained copy, or the frozen one with SVDiff's shifts, written with the shifts, or
+    AttnDreamBooth's stage-2 cross-attention projections merged),
     Custom Diffusion's K/V."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
@@ -175,7 +176,7 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     unet = None
     if "unet" in params:
         unet = (run_setup.load_models(config).unet, params["unet"])
-    elif "svdiff" in params:
+    elif "svdiff" in params or "cross_attention" in params:
         models = run_setup.load_models(config)
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
     written = export.export_concept(
