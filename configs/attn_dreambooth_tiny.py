@@ -17,12 +17,17 @@ weights visibly move in 20 steps a stage. Nothing is downloaded.
 Command:
     core-jax train --config configs/attn_dreambooth_tiny.py --workdir runs/attn_dreambooth_tiny
 
-Time here (2-core CPU, shared): MEASURED_TIME
-What it should reach: the terms `diffusion` and `attn_mean` in every stage, `attn_var` in stages
-2 and 3, finite and logged (MEASURED_VALUES); learned_embeds.safetensors, the A1111 embedding,
-the stage-3 U-Net as a diffusers folder (unet/), sample grids at each stage's end, checkpoints
-(stage 2's hold S* and the projections, stage 3's S* and the U-Net). With random weights the
-pictures are noise: this run proves the machinery, not the method.
+Time here (2-core CPU, shared): measured 9:39 wall (4:29 CPU) once, with a test job running
+beside it; most of it compiling (164 programs, 407 s in XLA: three stage steps, the grid
+sampler), training itself ~3-10 steps/s once compiled.
+What it should reach: the terms `diffusion` and `attn_mean` in every stage, `attn_var` in
+stages 2 and 3, finite and logged (measured at step 60: diffusion 0.933, attn_mean 3.4e-5,
+attn_var 4.9e-8: random weights attend almost uniformly, so S* and "cat" start alike);
+learned_embeds.safetensors, the A1111 embedding, the stage-3 U-Net as a diffusers folder (unet/;
+measured 1.6 % relative L2 from the frozen U-Net, 4.3 % on the attn2 weights, which stages 2
+and 3 both train), sample grids at each stage's end, checkpoints (stage 2's hold S* and the
+projections, stage 3's S* and the U-Net). With random weights the pictures are noise: this run
+proves the machinery, not the method.
 """
 
 from core_jax.config import base_config, stage_config

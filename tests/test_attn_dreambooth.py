@@ -138,7 +138,7 @@ def _setup(methods=STAGE1, per_run=None, **stage):
     of a S* <cls>" ("cat" and "dog")."""
     from core_jax.train.synthetic import random_setup
 
-    keys = dict(lambda_attn_mean=2.0, lambda_attn_var=5.0, weight_decay=1e-2, **stage)
+    keys = {"lambda_attn_mean": 2.0, "lambda_attn_var": 5.0, "weight_decay": 1e-2, **stage}
     return random_setup(
         preset="tiny", unet_overrides={"layers_per_block": 1}, num_concepts=2, batch_size=2,
         methods=methods, caption=CAPTION, per_run=per_run or [
@@ -190,34 +190,47 @@ def test_caption_placeholders_point_at_the_class_word():
         assert ids[c, after] == tokenizer.convert_tokens_to_ids(f"{word}</w>")
 
 
+@pytest.fixture(scope="module")
+def stage2_setup():
+    return _setup(methods=STAGE2)
+
+
 @pytest.mark.parametrize("stage", ["frozen U-Net", "cross-attention group"])
-def test_caption_stats_equal_a_separate_unet_call(stage):
+def test_caption_stats_equal_a_separate_unet_call(stage, stage2_setup):
     """The statistics collected by the caption pass (one call with caption_pred) equal those of
     a separate call of the U-Net (the frozen one, or each run's with its projections merged) on
     the same noisy latents, timesteps and caption encodings; and so does the prediction."""
-    setup = _setup() if stage == "frozen U-Net" else _setup(methods=STAGE2)
-    params = setup.state.params
-    if GROUP in params:  # projections away from the frozen ones, so the group matters
-        params = {**params, GROUP: jax.tree.map(lambda x: x * 1.3, params[GROUP])}
+    setup = stage2_setup
+    params = {"embeds": setup.state.params["embeds"]}
+    if stage == "cross-attention group":  # projections away from the frozen ones: they matter
+        params[GROUP] = jax.tree.map(lambda x: x * 1.3, setup.state.params[GROUP])
     batch = draw_batch(setup.state.rng, setup.state.step, setup.data, setup.schedule,
                        jnp.arange(2))
-    needs = closure({"caption_pred", "caption_stats", "caption_stats_var"})
-    passes = Passes(params, setup.frozen, batch, setup.data, setup.schedule,
-                    setup.program.models, needs, 1)
-    got = {name: np.asarray(passes[name])
-           for name in ("caption_pred", "caption_stats", "caption_stats_var")}
-    hidden = passes["caption_hidden"]  # [C, T, D]
-    x_t = passes.per_concept(passes.x_t)
-    t = passes.per_concept(batch.timesteps)
+    names = ("caption_pred", "caption_stats", "caption_stats_var", "caption_hidden")
+
+    @jax.jit
+    def caption_pass(params, frozen, batch, data):
+        passes = Passes(params, frozen, batch, data, setup.schedule, setup.program.models,
+                        closure(set(names)), 1)
+        return {name: passes[name] for name in names} | {
+            "x_t": passes.per_concept(passes.x_t)}
+
+    @jax.jit
+    def separate_call(run, frozen_unet, x_t, t, hidden):
+        ctx = jnp.broadcast_to(hidden, (x_t.shape[0],) + hidden.shape)
+        pred, sown = setup.unet.apply({"params": merged_unet(run, frozen_unet)}, x_t, t, ctx,
+                                      mutable=["attn_stats"])
+        return pred, {kind: cross_attention_stats(sown, kind) for kind in ("mean", "var")}
+
+    got = jax.device_get(caption_pass(params, setup.frozen, batch, setup.data))
+    t = np.asarray(batch.timesteps).reshape(2, 2)
     for c in range(2):
         run = jax.tree.map(lambda x, c=c: x[c], params)
-        unet_params = merged_unet(run, setup.frozen["unet"])
-        ctx = jnp.broadcast_to(hidden[c], (2,) + hidden.shape[1:])
-        pred, sown = setup.unet.apply({"params": unet_params}, x_t[c], t[c], ctx,
-                                      mutable=["attn_stats"])
+        pred, stats = separate_call(run, setup.frozen["unet"], got["x_t"][c], t[c],
+                                    got["caption_hidden"][c])
         np.testing.assert_allclose(got["caption_pred"][c], pred, rtol=0, atol=2e-5)
         for name, kind in (("caption_stats", "mean"), ("caption_stats_var", "var")):
-            want = np.asarray(cross_attention_stats(sown, kind))  # [L, b, T]
+            want = np.asarray(stats[kind])  # [L, b, T]
             assert got[name][c].shape == want.shape and want.shape[0] == 10
             np.testing.assert_allclose(got[name][c], want, rtol=1e-5, atol=1e-7)
     assert np.all(got["caption_stats_var"] >= -1e-7) and np.any(got["caption_stats_var"] > 0)
@@ -246,8 +259,8 @@ def test_stage1_trains_only_the_token_with_the_mean_term(stage1):
 
 
 @pytest.fixture(scope="module")
-def stage2():
-    setup = _setup(methods=STAGE2)
+def stage2(stage2_setup):
+    setup = stage2_setup
     before = jax.device_get((setup.frozen, setup.state.params))
     step_fn = packing.one_device_step(setup)
     state, history = packing.run_steps(setup, step_fn, 3)
@@ -255,6 +268,7 @@ def stage2():
     return setup, before, state, history
 
 
+@pytest.mark.slow
 def test_stage2_trains_only_the_cross_attention_projections(stage2):
     """The state holds S* and the group; S* is bit for bit as before; each run's U-Net differs
     from the frozen one at exactly every to_q, to_k, to_v, to_out_0 kernel and to_out_0 bias of
@@ -287,18 +301,23 @@ def _vector(tree, c: int) -> np.ndarray:
     return np.concatenate([np.ravel(x[c]) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_stage2_packed_runs_equal_each_alone(stage2):
-    """Each run cut out of the pack and trained alone: losses and terms to 1e-5 relative, the
-    projections as a vector to 2e-4 relative L2 (the bounds tests/test_custom_diffusion.py and
-    tests/test_lora.py argue). The runs differ (learning rates 3x apart, mean weights 2 and
-    0.5), so a mix-up would show."""
+    """Each run cut out of the pack and trained alone: loss, diffusion and gradient norm to
+    1e-5 relative, the projections as a vector to 2e-4 relative L2 (the bounds
+    tests/test_custom_diffusion.py and tests/test_lora.py argue). The regularizer terms to 1e-4:
+    each statistic's variance is E[p^2] - mu^2, which cancels, and the terms square differences
+    of such near-equal statistics, so another summation order's 1e-7 shows magnified (observed
+    1.4e-5 on attn_var). The runs differ (learning rates 3x apart, mean weights 2 and 0.5), so a
+    mix-up would show."""
     _, (_, before), together, history_together = stage2
     for c in range(2):
         alone = packing.alone(_setup(methods=STAGE2), c)
         state, history = packing.run_steps(alone, packing.one_device_step(alone), 3)
         for h_alone, h_together in zip(history, history_together, strict=True):
-            for name in ("loss", "diffusion", "attn_mean", "attn_var", "grad_norm"):
-                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-5,
+            for name in ("loss", "diffusion", "grad_norm", "attn_mean", "attn_var"):
+                rtol = 1e-4 if name.startswith("attn") else 1e-5
+                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=rtol,
                                            err_msg=name)
         want = _vector(together.params[GROUP], c) - _vector(before[GROUP], c)
         got = _vector(state.params[GROUP], 0) - _vector(before[GROUP], c)
@@ -307,6 +326,7 @@ def test_stage2_packed_runs_equal_each_alone(stage2):
     assert np.linalg.norm(moved[0] - moved[1]) > 0.5 * np.linalg.norm(moved[0])
 
 
+@pytest.mark.slow
 def test_stage3_starts_from_the_stage2_unet_and_trains_all_of_it(stage2):
     """Stage 3 (unet_finetune after the group): each run's U-Net copy starts as the frozen U-Net
     with its stage-2 projections merged, and the group is gone (folded in); a step then moves

@@ -38,8 +38,9 @@ def test_registry_lists_every_method_with_keys_and_weights():
 
 @pytest.mark.parametrize("change, line", [
     ({"stage1.methods": ("textual_inversion", "dreambooth")},
-     "unknown method 'dreambooth'; choose from core, custom_diffusion, hinge, lora, pairwise, "
-     "prior_preservation, svdiff, test_time, textual_inversion, unet_finetune"),
+     "unknown method 'dreambooth'; choose from attn_dreambooth, core, cross_attention_finetune, "
+     "custom_diffusion, hinge, lora, pairwise, prior_preservation, svdiff, test_time, "
+     "textual_inversion, unet_finetune"),
     ({"stage1.methods": ("textual_inversion", "core", "hinge"), "stage1.lambda_pairwise": 0.1},
      "stage1.lambda_pairwise is 0.1 but stage1.methods does not list pairwise; add it or set "
      "the weight to 0"),
