@@ -335,35 +335,58 @@ def knowledge_preservation_loss(h: ArrayLike, h_frozen: ArrayLike, mask: ArrayLi
     return _masked_mean(1.0 - cos, mask, axis=None)
 
 
-def attention_mean_var_loss(
-    attn_mean: ArrayLike,
-    attn_var: ArrayLike,
-    target_mean: ArrayLike,
-    target_var: ArrayLike,
-    token_mask: ArrayLike,
+def attention_statistic_loss(
+    stats: ArrayLike, target: ArrayLike, token_mask: ArrayLike
 ) -> jax.Array:
-    """AttnDreamBooth-style cross-attention regularizer on the placeholder token's statistics.
-
-    AttnDreamBooth keeps the new concept's cross-attention map close to its super-category's
-    through the map's mean and variance rather than pixel by pixel, which leaves the layout free.
-    Choices made here: statistics are per layer and per token over spatial positions (the
-    ``sow``-ed statistics, so no full map is stored); the deviation is
-    (mean - target_mean)^2 + (var - target_var)^2 with equal weight (the balance against the
-    diffusion loss is the method's lambda); averaged over placeholder tokens (multi-vector S*),
-    then over layers, then over the batch. Targets are typically the super-category token's
-    statistics from the same pass ("a photo of a S* cat"), passed in so the caller chooses the
-    token and whether to stop their gradient.
+    """One statistic's part of AttnDreamBooth's cross-attention regularizer, as its official
+    code reduces it (`train_attndreambooth.py`, `F.mse_loss` per sample and layer): per layer and
+    example, the mean over the placeholder tokens (multi-vector S*) of (stats - target)^2;
+    then the mean over layers; then the SUM over the batch (the code adds each sample's loss).
 
     Args:
-      attn_mean, attn_var: [L, B, T] per-layer, per-token spatial mean / variance of attention.
-      target_mean, target_var: broadcastable to [L, B, T] (e.g. [L, B, 1] for one category token).
+      stats: [L, B, T] per-layer, per-token statistic of the attention map (mean or variance
+        over heads and spatial positions).
+      target: broadcastable to [L, B, T], e.g. [L, B, 1]: the super-category token's statistic.
       token_mask: [B, T] bool, the placeholder positions.
 
     Returns:
       Scalar.
     """
     mask = jnp.asarray(token_mask, bool)
-    d_mean = jnp.where(mask, _float(attn_mean) - _float(target_mean), 0.0)
-    d_var = jnp.where(mask, _float(attn_var) - _float(target_var), 0.0)
-    per_layer = _masked_mean(jnp.square(d_mean) + jnp.square(d_var), mask, axis=-1)
-    return jnp.mean(per_layer)
+    diff = jnp.where(mask, _float(stats) - _float(target), 0.0)
+    per_layer = _masked_mean(jnp.square(diff), mask, axis=-1)  # [L, B]
+    return jnp.sum(jnp.mean(per_layer, axis=0))
+
+
+def attention_mean_var_loss(
+    attn_mean: ArrayLike,
+    attn_var: ArrayLike,
+    target_mean: ArrayLike,
+    target_var: ArrayLike,
+    token_mask: ArrayLike,
+    mean_weight: ArrayLike = 1.0,
+    var_weight: ArrayLike = 1.0,
+) -> jax.Array:
+    """AttnDreamBooth's cross-attention regularizer (arXiv 2406.05000; official code
+    `train_attndreambooth.py` l.~1456-1468): keep the new token's attention map like its
+    super-category's through the map's mean and variance, which leaves the layout free.
+
+    Per example and layer: mean_weight * MSE(mu[V], mu[cat]) + var_weight * MSE(var[V], var[cat])
+    with the MSE over the placeholder tokens; averaged over layers, SUMMED over the batch (the
+    code's reduction, so the weights it tunes, 0.1 / 0 then 2 / 5 at batch 8, keep their
+    meaning). Both sides keep their gradient (the code detaches neither); pass targets through
+    `stop_gradient` for a constant target. It is `attention_statistic_loss` of each statistic,
+    weighted and added.
+
+    Args:
+      attn_mean, attn_var: [L, B, T] per-layer, per-token mean / variance of the attention
+        probabilities over heads and spatial positions.
+      target_mean, target_var: broadcastable to [L, B, T] (e.g. [L, B, 1]: the token after S*).
+      token_mask: [B, T] bool, the placeholder positions.
+      mean_weight, var_weight: the code's `--reg_mean_weight`, `--reg_var_weight`.
+
+    Returns:
+      Scalar.
+    """
+    return (mean_weight * attention_statistic_loss(attn_mean, target_mean, token_mask)
+            + var_weight * attention_statistic_loss(attn_var, target_var, token_mask))

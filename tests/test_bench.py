@@ -272,7 +272,9 @@ def test_bench_runs_in_bfloat16_and_says_so():
 
 def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
     """DreamBooth's step has the prior term on a class pool; Custom Diffusion's trains its K/V
-    and S* with the masked loss on view masks (stood in by `method_data`). Built, not compiled."""
+    and S* with the masked loss on view masks (stood in by `method_data`); AttnDreamBooth's
+    stage 2 trains the cross-attention projections with both regularizer terms. Built, not
+    compiled."""
     from core_jax import bench
 
     setup = bench.build_setup("tiny", 2)
@@ -295,3 +297,7 @@ def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
     assert set(boost.program.trains) == {"embeds", "text_lora"}
     assert {t.name for t in boost.program.terms} == {"diffusion", "kp"}
     assert boost.data.kp_frozen.shape[:2] == boost.data.kp_ids.shape[:2]
+    attn = bench.variant_setup(setup, "attn_dreambooth")
+    assert set(attn.program.trains) == {"cross_attention"}
+    assert {t.name for t in attn.program.terms} == {"diffusion", "attn_mean", "attn_var"}
+    assert {"caption_stats", "caption_stats_var"} <= attn.program.needs

@@ -7,8 +7,10 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
 and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
 `textboost` (S* and text-encoder LoRA with knowledge preservation), `xti` (S*'s vectors per
-cross-attention layer: 16 text passes), `tto` (CoRe's test-time optimization: L_emb and L_attn,
-no diffusion loss); and `sample` (a 50-step DDIM chain with classifier-free guidance).
+cross-attention layer: 16 text passes), `attn_dreambooth` (AttnDreamBooth's stage 2: every attn2
+projection, the attention mean/var regularizer on the caption pass), `tto` (CoRe's test-time
+optimization: L_emb and L_attn, no diffusion loss); and `sample` (a 50-step DDIM chain with
+classifier-free guidance).
 
 A step variant is a stage config (`core_jax.config.stage_config`): the stage-1 variants list the
 same methods (`STAGE1_METHODS`) and differ only in their weights (a weight of 0 drops its term
@@ -74,6 +76,11 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # XTI / P+: S*'s vectors per cross-attention layer, the text encoder once per layer (lr:
     # core_jax.methods.xti's, [UNVERIFIED] for XTI).
     "xti": (("xti",), dict(learning_rate=5e-3)),
+    # AttnDreamBooth's stage 2 (its code's lr and weights): to_q/k/v/out of attn2, the mean/var
+    # regularizer read off the caption pass. The bench caption has no class word, so the token
+    # after S* is the end of text: the same work as the real target.
+    "attn_dreambooth": (("cross_attention_finetune", "attn_dreambooth"), dict(
+        learning_rate=2e-5, lambda_attn_mean=2.0, lambda_attn_var=5.0)),
     # CoRe's test-time optimization (core_jax.tto): the regularizers with the code's variants
     # and weights, no diffusion loss, the paper's lr; the vectors train, nothing else.
     "tto": (("test_time", "core"), dict(

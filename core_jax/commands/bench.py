@@ -24,7 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _VARIANTS = flags.DEFINE_string(
     "variants", None, "comma-separated subset of ti,emb,attn,core,core_all,unet,lora,svdiff,"
-    "dreambooth,custom_diffusion,xti,tto,sample (default: the config's)"
+    "dreambooth,custom_diffusion,class_diffusion,textboost,xti,attn_dreambooth,tto,sample "
+    "(default: the config's)"
 )
 _VS_TORCH = flags.DEFINE_bool(
     "vs-torch", False, "also run benchmarks/torch_reference.py's run_benchmark, interleaved"

@@ -73,8 +73,8 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from core_jax.errors import InputError
-from core_jax.methods.base import Method, ParamGroup, Settings, UNetCall
+from core_jax.methods import unet_subset
+from core_jax.methods.base import Method, UNetCall
 from core_jax.methods.diffusion_term import DEFAULTS as DIFFUSION_DEFAULTS
 from core_jax.methods.diffusion_term import MASKED_LOSS, diffusion_only
 from core_jax.weights import path_to_torch_key
@@ -92,41 +92,16 @@ def scaled_learning_rate(images_per_step: int, prior_preservation: bool = False)
 
 def kv_paths(unet_params: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """Module paths of the cross-attention key and value projections, in path order."""
-    found = sorted(path[:-1] for path in traverse_util.flatten_dict(unet_params)
-                   if path[-1] == "kernel" and len(path) >= 3 and path[-3] == "attn2"
-                   and path[-2] in PROJECTIONS)
-    if not found:
-        raise InputError("the U-Net has no cross-attention (attn2) layers for Custom Diffusion "
-                         "to train")
-    return found
+    return unet_subset.attention_projection_paths(unet_params, PROJECTIONS)
 
 
 def init_kv(unet_params: Mapping[str, Any]) -> dict[str, Any]:
     """One run's first K/V: the frozen kernels, as a tree mirroring the U-Net's params down to
     each projection ({..., "attn2": {"to_k": {"kernel": [in, out]}, "to_v": ...}})."""
-    flat = traverse_util.flatten_dict(unet_params)
-    return traverse_util.unflatten_dict(
-        {path + ("kernel",): flat[path + ("kernel",)] for path in kv_paths(unet_params)})
+    return unet_subset.subset(unet_params, kv_paths(unet_params))
 
 
-def _init_group(
-    settings: Settings, data: Any, frozen: Mapping[str, Any], num_vectors: int, keys: jax.Array
-) -> dict[str, Any]:
-    """The C packed runs' first K/V: each a copy of the frozen kernels, [C, in, out]."""
-    num_runs = keys.shape[0]
-    return jax.tree.map(lambda k: jnp.broadcast_to(k, (num_runs,) + k.shape).astype(jnp.float32),
-                        init_kv(frozen["unet"]))
-
-
-def merge(unet_params: Any, kv: Mapping[str, Any]) -> Any:
-    """The U-Net params with one run's K/V kernels in place of the frozen ones; every other
-    leaf is the frozen array itself (nothing copied)."""
-    flat = traverse_util.flatten_dict(unet_params)
-    for path, kernel in traverse_util.flatten_dict(kv).items():
-        if path not in flat:
-            raise ValueError(f"{'.'.join(path)} is no kernel of this U-Net")
-        flat[path] = kernel.astype(flat[path].dtype)
-    return traverse_util.unflatten_dict(flat)
+merge = unet_subset.merge  # the U-Net params with one run's K/V in place
 
 
 def kv_call(call: UNetCall, unet_params: Any, kv: Mapping[str, Any]) -> Any:
@@ -184,7 +159,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], unet_params: Any) -> dict[s
     return traverse_util.unflatten_dict(flat)
 
 
-CUSTOM_DIFFUSION = ParamGroup(init=_init_group, unet_call=kv_call, merge=merge)
+CUSTOM_DIFFUSION = unet_subset.subset_group(init_kv, unet_call=kv_call)
 
 METHOD = Method(
     name="custom_diffusion",

@@ -439,7 +439,8 @@ def _export_runs(
     step: int, base_unet: Any, sdxl_width_1: int | None = None,
 ) -> None:
     """Hand what each run this host owns trained (its vectors, its U-Net if a stage trained
-    one, its spectral shifts with the U-Net they make, its Custom Diffusion K/V) to other
+    one, its spectral shifts or cross-attention projections with the U-Net they make, its
+    Custom Diffusion K/V) to other
     tools; SDXL vectors split at `sdxl_width_1` for the SDXL embedding file."""
     for c, run in owned:
         if c in failed:
@@ -447,7 +448,7 @@ def _export_runs(
         params = local_slice(state.params, c)
         c_config = run.config.concept
         unet_folder = (unet, params["unet"]) if "unet" in params else None
-        if "svdiff" in params and unet_folder is None:
+        if unet_folder is None and ("svdiff" in params or "cross_attention" in params):
             unet_folder = (unet, jax.device_get(merged_unet(params, base_unet)))
         vectors = run_vectors(params)  # [L, V, D] per cross-attention layer (XTI)
         per_layer = (list(cross_attention_layers(unet)), vectors) if vectors.ndim == 3 else None

@@ -195,8 +195,9 @@ def checkpoint_params(
 
 def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     """Exports from the newest checkpoint: learned embeds, the A1111 file, the U-Net if any
-    (a trained copy, or the frozen one with SVDiff's shifts merged, written with the shifts),
-    LoRA adapters (U-Net and text encoder), Custom Diffusion's K/V."""
+    (a trained copy, or the frozen one with SVDiff's shifts, written with the shifts, or
+    AttnDreamBooth's stage-2 cross-attention projections merged), LoRA adapters (U-Net and text
+    encoder), Custom Diffusion's K/V."""
     config = load_run_config(workdir)
     out = out or workdir / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     unet = None
     if "unet" in params:
         unet = (run_setup.load_models(config).unet, params["unet"])
-    elif "svdiff" in params:
+    elif "svdiff" in params or "cross_attention" in params:
         models = run_setup.load_models(config)
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
     vectors, per_layer = run_vectors(params), None

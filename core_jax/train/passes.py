@@ -17,6 +17,8 @@ batch rows [b_l].
 | context_mask | [C, T] | which aligned positions are context tokens |
 | obj_concept / cat_concept | [C, D] | S*'s encoding in y* / the super-category's in y_cat |
 | caption_pred | [C, b, h, w, c] | the U-Net's prediction with the caption |
+| caption_stats / _var | [C, L, b, T] | that call's per-token attention mean / variance |
+| caption_placeholders | [C, T] | where the caption holds S*'s placeholder tokens |
 | prior_pred | [C, b, h, w, c] | the U-Net's prediction for noised class latents, class prompt |
 | prior_target | [C, b, h, w, c] | the denoising target of those rows |
 | obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
@@ -183,11 +185,17 @@ def draw_batch(
                  flat(prior_noise), flat(prior_t), mask, time_ids, kp_index)
 
 
+# The caption pass's attention statistics: computation name -> the kind the U-Net sows.
+CAPTION_STATS = {"caption_stats": "mean", "caption_stats_var": "var"}
+STAT_KINDS = ("mean", "var")
+
 # What each computation needs computed first (beyond the batch and the constants).
 _DEPENDS = {
     "obj_aligned": ("obj_hidden",),
     "obj_concept": ("obj_hidden",),
     "caption_pred": ("caption_hidden",),
+    "caption_stats": ("caption_hidden",),
+    "caption_stats_var": ("caption_hidden",),
     "obj_stats": ("obj_hidden",),
 }
 
@@ -348,7 +356,8 @@ class Passes:
         ids), all in one call, on this step's noisy latents or, where `inputs[k]` is given, on
         those (noisy latents [C_l, b_l, ...], timesteps [C_l, b_l]; not on SDXL, whose
         add-time ids come with this step's views). Returns per context (prediction
-        [C_l, b_l, ...], attention means [C_l, L, b_l, T] or None)."""
+        [C_l, b_l, ...], attention statistics {"mean", "var"} each [C_l, L, b_l, T], or None);
+        what no term reads of them XLA drops."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
         num_layers = max((c.shape[1] for c in contexts if c.ndim == 4), default=0)
@@ -376,7 +385,9 @@ class Passes:
                                      join_layers(jnp.swapaxes(ctx, 0, 1)), mutable=mutable)
             else:
                 out = unet.apply({"params": params}, x, t, ctx, mutable=mutable, **added)
-            return (out[0], cross_attention_stats(out[1])) if with_stats else (out, None)
+            if not with_stats:
+                return out, None
+            return out[0], {kind: cross_attention_stats(out[1], kind) for kind in STAT_KINDS}
 
         groups = unet_groups(self.params)
         if groups:  # each concept's own call, concept-major rows, the frozen U-Net shared
@@ -398,24 +409,23 @@ class Passes:
                 pred, stats = jax.vmap(run)(*args)  # [C, n b, ...], [C, L, n b, T]
             split = lambda a, k, axis: jax.lax.slice_in_dim(  # noqa: E731
                 a, k * rows, (k + 1) * rows, axis=axis)
-            return [(split(pred, k, 1), None if stats is None else split(stats, k, 2))
+            return [(split(pred, k, 1), jax.tree.map(lambda s, k=k: split(s, k, 2), stats))
                     for k in range(n)]
         flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
         pred, stats = apply(
             self.frozen["unet"], jnp.concatenate([flat(x) for x in xs]),
             jnp.concatenate([flat(t) for t in ts]),
             jax.tree.map(lambda *c: jnp.concatenate([flat(a) for a in c]), *per_row),
-        )  # [n B, ...], [L, n B, T]
+        )  # [n B, ...], [L, n B, T] each
         size = concepts * rows
-        out = []
-        for k in range(n):
-            p = self.per_concept(pred[k * size:(k + 1) * size])
-            s = None
-            if stats is not None:
-                s = stats[:, k * size:(k + 1) * size]
-                s = s.reshape(s.shape[0], concepts, rows, -1).transpose(1, 0, 2, 3)
-            out.append((p, s))
-        return out
+
+        def per_concept_stats(s: jax.Array, k: int) -> jax.Array:  # -> [C_l, L, b_l, T]
+            s = s[:, k * size:(k + 1) * size]
+            return s.reshape(s.shape[0], concepts, rows, -1).transpose(1, 0, 2, 3)
+
+        return [(self.per_concept(pred[k * size:(k + 1) * size]),
+                 jax.tree.map(lambda s, k=k: per_concept_stats(s, k), stats))
+                for k in range(n)]
 
 
 def _aligned_stats(stats: jax.Array, index: jax.Array) -> jax.Array:
@@ -449,16 +459,21 @@ def _encode_per_run(p: Passes, ids: jax.Array, learned: jax.Array | None) -> jax
     return jax.vmap(one)(values, ids, learned)
 
 
+def _caption_ids(p: Passes) -> jax.Array:
+    """Each concept's caption [C, T]: its own where the caption names its class, else the one
+    every concept shares."""
+    if p.data.caption_ids is not None:
+        return p.data.caption_ids
+    caption = jnp.asarray(p.models.caption_ids)
+    return jnp.broadcast_to(caption, (p.num_concepts, len(p.models.caption_ids)))
+
+
 def _text(p: Passes) -> None:
     """The caption and y* with the learned vectors, in one encoder call when both are needed."""
     m = p.models
     blocks = []
     if "caption_hidden" in p.needs:
-        if p.data.caption_ids is not None:  # each concept's own caption
-            blocks.append(p.data.caption_ids)
-        else:
-            caption = jnp.asarray(m.caption_ids)
-            blocks.append(jnp.broadcast_to(caption, (p.num_concepts, len(m.caption_ids))))
+        blocks.append(_caption_ids(p))
     if "obj_hidden" in p.needs:
         blocks.append(p.pick(p.data.obj_ids))
     names = [n for n in ("caption_hidden", "obj_hidden") if n in p.needs]
@@ -516,9 +531,11 @@ def _phrases(p: Passes) -> None:
 
 
 def _unet_passes(p: Passes) -> None:
-    """The caption pass (diffusion), the y* pass (attention statistics) and the class pass
-    (prior preservation) share one call."""
-    names = [n for n in ("caption_pred", "obj_stats", "prior_pred") if n in p.needs]
+    """The caption pass (diffusion; its attention statistics when a term reads them), the y*
+    pass (attention statistics) and the class pass (prior preservation) share one call."""
+    caption_stats = any(n in p.needs for n in CAPTION_STATS)
+    names = [n for n in ("caption_pred", "obj_stats", "prior_pred")
+             if n in p.needs or (n == "caption_pred" and caption_stats)]
     contexts = {"caption_pred": lambda: p["caption_hidden"], "obj_stats": lambda: p["obj_hidden"],
                 "prior_pred": lambda: p.data.class_hidden}
     inputs = [p.prior_inputs if n == "prior_pred" else None for n in names]
@@ -527,12 +544,16 @@ def _unet_passes(p: Passes) -> None:
     if p.models.text_encoder_2 is not None:  # SDXL (prior preservation is refused there)
         pooled_of = {"caption_pred": "caption_pooled", "obj_stats": "obj_pooled"}
         pooled = [p._values[pooled_of[n]] for n in names]
-    results = p.unet(hidden, with_stats="obj_stats" in p.needs, inputs=inputs, pooled=pooled)
+    results = p.unet(hidden, with_stats="obj_stats" in p.needs or caption_stats, inputs=inputs,
+                     pooled=pooled)
     for name, (pred, stats) in zip(names, results, strict=True):
         if name == "obj_stats":
-            p._values[name] = _aligned_stats(stats, p.pick(p.data.obj_index))
+            p._values[name] = _aligned_stats(stats["mean"], p.pick(p.data.obj_index))
         else:
             p._values[name] = pred
+        if name == "caption_pred" and caption_stats:
+            for stat_name, kind in CAPTION_STATS.items():
+                p._values[stat_name] = stats[kind]
 
 
 def _cat_stats(p: Passes) -> None:
@@ -540,8 +561,13 @@ def _cat_stats(p: Passes) -> None:
     pooled = None if p.data.cat_pooled is None else [p.pick(p.data.cat_pooled)]
     [(_, stats)] = p.unet([p.pick(p.data.cat_hidden)], with_stats=True, pooled=pooled)
     p._values["cat_stats"] = jax.lax.stop_gradient(
-        _aligned_stats(stats, p.pick(p.data.cat_index))
+        _aligned_stats(stats["mean"], p.pick(p.data.cat_index))
     )
+
+
+def _caption_placeholders(p: Passes) -> jax.Array:
+    """Where each concept's caption holds the placeholder tokens: [C, T] bool."""
+    return jnp.isin(_caption_ids(p), jnp.asarray(p.models.placeholder_ids))
 
 
 def _span_mean(hidden: jax.Array, span: jax.Array) -> jax.Array:
@@ -628,6 +654,9 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "obj_concept": _set("obj_concept", _obj_concept),
     "cat_concept": _set("cat_concept", _cat_concept),
     "caption_pred": _unet_passes,
+    "caption_stats": _unet_passes,
+    "caption_stats_var": _unet_passes,
+    "caption_placeholders": _set("caption_placeholders", _caption_placeholders),
     "obj_stats": _unet_passes,
     "prior_pred": _unet_passes,
     "prior_target": _set("prior_target", lambda p: p.per_concept(training_target(

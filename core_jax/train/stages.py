@@ -7,7 +7,9 @@ Stages are the config's `stage1`, `stage2`, ... in order; a stage after the firs
 `stage3` to its config.
 
 A group's first value is made by its definition (`core_jax.methods.ParamGroup`) when the first
-stage that trains it begins; later stages carry it.
+stage that trains it begins; later stages carry it. A whole U-Net copy (a group that is a whole
+model, `ParamGroup.split_over_data`: unet_finetune's "unet") begun after groups the U-Net reads
+(AttnDreamBooth's stage-2 "cross_attention") starts from the U-Net those make and replaces them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from core_jax.errors import InputError
 from core_jax.methods import METHODS, Method, Settings, Term, get_method, group_of
-from core_jax.train.passes import StepModels
+from core_jax.train.passes import StepModels, merged_unet, unet_groups
 from core_jax.train.state import ConceptData
 from core_jax.train.step import Numbers, StageProgram, make_optimizer
 
@@ -165,11 +167,17 @@ def stage_params(
     """The run's parameters entering stage `index`: those it has, plus first values of the
     groups this stage trains for the first time (`keys` [C, 2]: the runs' keys of this stage,
     `core_jax.train.state.stage_keys`). The learned vectors always exist (the caption names
-    S*)."""
+    S*). A whole U-Net copy begun here takes the place of the groups the U-Net read, merged."""
     params = dict(params)
     program = programs[index]
     for group in ("embeds", *program.trains):
-        if group not in params:
+        if group in params:
+            continue
+        earlier = unet_groups(params)
+        if earlier and group_of(group).split_over_data:  # a U-Net copy from the run's U-Net
+            folded = {name: params.pop(name) for name in earlier}
+            params[group] = jax.vmap(lambda values: merged_unet(values, frozen["unet"]))(folded)
+        else:
             params[group] = initial_group(group, program.settings, data, frozen, num_vectors,
                                           keys)
     return params

@@ -20,8 +20,10 @@ from core_jax.diffusion import NoiseSchedule, make_schedule
 from core_jax.models.presets import get_preset, random_models
 from core_jax.models.unet import UNetConfig
 from core_jax.text import (
+    CLASS_FIELD,
     add_placeholder_tokens,
     caption_ids,
+    fill_prompt,
     load_templates,
     load_tokenizer,
     placeholder_string,
@@ -69,6 +71,7 @@ def random_setup(
     class_pool_size: int = 0,
     attention: str = "auto",
     remat: str = "none",
+    caption: str = "a photo of a {}",
     **stage: Any,
 ) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
@@ -76,7 +79,8 @@ def random_setup(
     config (`stage_config(methods, **stage)`: batch_size, weights, variants, ...); `per_run[c]`
     overrides keys for concept c (its numbers, say). `class_pool_size` > 0 gives each concept a
     random pool of that many class latents and the prompt "a photo of a <super-category>", as
-    prior preservation reads them. `attention` and `remat`: the U-Net's (`config.model`)."""
+    prior preservation reads them. `attention` and `remat`: the U-Net's (`config.model`).
+    `caption`: the training caption; with "{cls}" each concept has its own (its class word)."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
@@ -115,14 +119,16 @@ def random_setup(
             for _ in specs
         ]
         prior["class_prompts"] = [f"a photo of a {s.super_category}" for s in specs]
+    if CLASS_FIELD in caption:
+        prior["captions"] = [fill_prompt(caption, text, s.super_category) for s in specs]
     stages = []
     for c in range(num_concepts):  # CoRe's stage-1 learning rate unless given
         values = {"learning_rate": 5e-3, **stage, **((per_run or [{}] * num_concepts)[c])}
         stages.append(stage_config(methods, **values))
     step_models = StepModels(
         models.text_encoder, models.unet,
-        tuple(int(i) for i in caption_ids(tokenizer, text)), tuple(placeholder_ids),
-        **(dict(sdxl, eos_id=tokenizer.eos_token_id) if sdxl else {}),
+        tuple(int(i) for i in caption_ids(tokenizer, text, caption, super_category="cat")),
+        tuple(placeholder_ids), **(dict(sdxl, eos_id=tokenizer.eos_token_id) if sdxl else {}),
     )
     schedule = make_schedule()
     program = build_program(stages, step_models, schedule.prediction_type)
