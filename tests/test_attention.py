@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_trees_close_to_scale
 
 from core_jax.config import base_config
 from core_jax.errors import InputError
@@ -202,7 +203,7 @@ def test_unet_with_each_implementation_equals_explicit(
     )
     ref_outs, ref_grads = explicit_unet_results[dtype]
     # Through ~30 layers the forms' fp32 rounding differences (a few U each) stay ~1e-6 of
-    # the output and of the gradients' scale; bf16 (cuDNN) rounds at 4e-3 per layer.
-    tol = 1e-1 if implementation == "cudnn" else 2e-4
-    chex.assert_trees_all_close(outs, ref_outs, rtol=tol, atol=tol * 1e-1)
-    chex.assert_trees_all_close(grads, ref_grads, rtol=tol, atol=tol * 1e-1)
+    # each leaf's scale (element-wise, an entry that cancels to near zero can differ by 1e-3
+    # of itself: CI's CPU showed one); bf16 (cuDNN) rounds at 4e-3 per layer.
+    tol = 1e-1 if implementation == "cudnn" else 2e-5
+    assert_trees_close_to_scale((outs, grads), (ref_outs, ref_grads), tol)

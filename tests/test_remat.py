@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_trees_close_to_scale
 
 from core_jax.config import base_config
 from core_jax.errors import InputError
@@ -96,13 +97,10 @@ def test_each_policy_equals_no_remat(micro, without_remat, policy):
     outs, grads = _outputs_and_grads(unet.clone(remat=policy), params, sample, context)
     ref_outs, ref_grads = without_remat
     # The same operations, recomputed; XLA fuses and blocks the program differently (fp32
-    # reassociation, a few U per op, measured up to 1.2e-6 on outputs of scale ~1): each leaf
-    # within 2e-6 of its largest magnitude.
-    def assert_close_to_scale(got, expected):
-        scale = max(float(jnp.max(jnp.abs(expected))), 1e-30)
-        assert float(jnp.max(jnp.abs(got - expected))) <= 2e-6 * scale
-
-    jax.tree.map(assert_close_to_scale, (outs, grads), (ref_outs, ref_grads))
+    # reassociation, a few U per op): measured up to 1.2e-6 of a leaf's largest magnitude here
+    # and 2.3e-6 on CI's CPU, whose vector width blocks the sums differently. 2e-5 is still
+    # 1000x below a missing or doubled term (a wrong recomputation changes leaves at scale 1).
+    assert_trees_close_to_scale((outs, grads), (ref_outs, ref_grads), 2e-5)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
