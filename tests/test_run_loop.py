@@ -75,3 +75,24 @@ def test_a_failed_run_is_reported_and_its_pack_finishes(tmp_path):
             load_file(tmp_path / "alone" / name / "learned_embeds.safetensors")["<s*>"],
             load_file(folder / "learned_embeds.safetensors")["<s*>"], rtol=2e-5, atol=1e-6,
         )
+
+
+def test_the_summary_lists_each_file_a_method_exported(tmp_path):
+    from core_jax import export
+    from core_jax.config import base_config
+    from core_jax.train import loop
+
+    config = base_config()
+    config.concept.name = "my cat"
+    token_a1111 = tmp_path / "a1111" / f"{export.file_stem('my cat')}.safetensors"
+    method_files = [tmp_path / export.LORA_NAME, tmp_path / export.XTI_NAME,
+                    tmp_path / export.CUSTOM_DIFFUSION_BIN_NAME,
+                    tmp_path / "a1111" / "lora" / "my_cat.safetensors"]
+    for path in [tmp_path / export.LEARNED_EMBEDS_NAME, token_a1111, *method_files]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    outputs = loop._run_outputs(tmp_path, config)
+    assert outputs.method_files == sorted(method_files)
+    text = loop.summary(outputs)
+    assert all(str(path) in text for path in method_files)
+    assert text.count(export.LEARNED_EMBEDS_NAME) == 1

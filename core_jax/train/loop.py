@@ -560,6 +560,9 @@ class RunOutputs:
     loss_curves: Path | None
     checkpoints: Path
     metrics: Path
+    # What the run's methods exported beside the token (LoRA, Custom Diffusion, SVDiff, XTI,
+    # the A1111 LoRA): every weight file of the workdir and its a1111/ folder but those above.
+    method_files: list[Path] = dataclasses.field(default_factory=list)
 
 
 def train(
@@ -620,7 +623,16 @@ def _run_outputs(workdir: Path, config: ml_collections.ConfigDict) -> RunOutputs
         else None,
         checkpoints=workdir / "checkpoints",
         metrics=workdir / "metrics.jsonl",
+        method_files=_method_files(workdir, config),
     )
+
+
+def _method_files(workdir: Path, config: ml_collections.ConfigDict) -> list[Path]:
+    token_files = {workdir / export.LEARNED_EMBEDS_NAME,
+                   workdir / "a1111" / f"{export.file_stem(config.concept.name)}.safetensors"}
+    found = [path for pattern in ("*.safetensors", "*.bin", "a1111/**/*.safetensors")
+             for path in workdir.glob(pattern)]
+    return sorted(set(found) - token_files)
 
 
 def summary(outputs: RunOutputs) -> str:
@@ -628,6 +640,7 @@ def summary(outputs: RunOutputs) -> str:
         ("learned embedding (diffusers)", outputs.learned_embeds),
         ("A1111 / ComfyUI embedding", outputs.a1111_embedding),
         ("U-Net (diffusers)", outputs.unet or "not trained"),
+        *(("method file", path) for path in outputs.method_files),
         ("sample grids", outputs.samples[-1] if outputs.samples else "none"),
         ("loss curves", outputs.loss_curves or "none"),
         ("metrics", outputs.metrics),
