@@ -157,7 +157,9 @@ def save_sdxl_embedding(path: str | os.PathLike, name: str, vectors: np.ndarray,
     tensor by tensor into `text_encoder` ("clip_l") and `text_encoder_2` ("clip_g").
 
     `vectors` [V, D1 + D2] are the learned vectors as the SDXL pipeline injects them, encoder 1's
-    `width_1` features first; `path` as in `save_a1111_embedding`."""
+    `width_1` features first; `path` as in `save_a1111_embedding`. In diffusers with SDXL base's
+    legacy encoder-2 config the pooled embedding is read at the loaded token, not at the
+    end-of-text token where we train it (README, "SDXL")."""
     if not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"embedding name {name!r} must be non-empty and without path separators")
     vectors = _check_vectors(vectors)

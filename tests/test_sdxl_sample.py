@@ -57,7 +57,10 @@ def test_sdxl_sampling_equals_diffusers_pipeline(sdxl_folder):
 
 def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, tmp_path):
     """Learned vectors [V, D1 + D2] exported as clip_l / clip_g: diffusers' loader puts them into
-    both text encoders, and the SDXL context of a prompt with S* equals ours."""
+    both text encoders, and the SDXL context of a prompt with S* equals ours. The pooled
+    embedding is read where each side says: ours at the first end-of-text token, diffusers'
+    (transformers' pooling for SDXL's legacy config, eos_token_id 2) at argmax(ids), which an
+    added token's id wins."""
     ours = load_sdxl_pipeline(sdxl_folder, num_vectors=2)
     assert ours.embed_dim == 32 + 48
     learned = np.random.default_rng(0).normal(size=(2, 80)).astype(np.float32)
@@ -75,8 +78,8 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
                                 tokenizer=pipe.tokenizer_2)
     prompts = ["a photo of a <s*> in the snow"]
     with torch.no_grad():
-        context, _, _, _ = pipe.encode_prompt(prompts, device="cpu",
-                                              do_classifier_free_guidance=False)
+        context, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu",
+                                                   do_classifier_free_guidance=False)
     ids, mask, slot, vectors = _prompt_arrays(ours, prompts, learned)
     ids_2 = tokenize(ours.tokenizer_2, ["a photo of a <s*> <s*>_1 in the snow"])
     # diffusers writes "<s*>" out as "<s*> <s*>_1" too (its maybe_convert_prompt).
@@ -85,8 +88,20 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
     # Tokenizer 2's ids are tokenizer 1's with its own padding (what the training step uses).
     np.testing.assert_array_equal(
         second_encoder_ids(ids, ours.tokenizer.eos_token_id, ours.tokenizer_2.pad_token_id), ids_2)
-    got, _ = encode_sdxl_with_learned(ours.text_encoder, ours.text_encoder_2, ours.params, ids,
-                                      ids_2, vectors, (mask, slot))
+    got, got_pooled = encode_sdxl_with_learned(ours.text_encoder, ours.text_encoder_2,
+                                               ours.params, ids, ids_2, vectors, (mask, slot))
     assert_max_abs(got, context.numpy())
+    with torch.no_grad():
+        out = pipe.text_encoder_2(torch.as_tensor(np.asarray(ids_2)))
+
+    def projected_at(position: int) -> np.ndarray:
+        with torch.no_grad():
+            return pipe.text_encoder_2.text_projection(out.last_hidden_state[:, position]).numpy()
+
+    first_eos = int(np.argmax(np.asarray(ids_2[0]) == ours.tokenizer_2.eos_token_id))
+    highest_id = int(np.argmax(np.asarray(ids_2[0])))
+    assert ids_2[0][highest_id] == ours.placeholder_ids[-1] and highest_id < first_eos
+    assert_max_abs(got_pooled, projected_at(first_eos))
+    assert_max_abs(pooled.numpy(), projected_at(highest_id))
     with pytest.raises(ValueError, match="width_1"):
         export.save_sdxl_embedding(tmp_path, "bad", learned, width_1=80)
