@@ -105,3 +105,47 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
     assert_max_abs(pooled.numpy(), projected_at(highest_id))
     with pytest.raises(ValueError, match="width_1"):
         export.save_sdxl_embedding(tmp_path, "bad", learned, width_1=80)
+
+
+@pytest.mark.slow
+def test_sdxl_lora_file_loads_in_diffusers_and_adapts_like_ours(sdxl_folder, tmp_path):
+    """LoRA on the SDXL U-Net (the lora method's adapters, every attention projection of its 70
+    layers' kind): both files `export_concept` writes (peft names, kohya names) through
+    diffusers' `load_lora_weights` into a StableDiffusionXLPipeline adapt its U-Net as ours,
+    with the added conditioning (pooled text, add-time ids). Tolerance: tests/test_lora.py's."""
+    from test_lora import _assert_close, _trained_adapters
+
+    from core_jax.methods.lora import ATTENTION, adapted_call
+
+    ours = load_sdxl_pipeline(sdxl_folder, num_vectors=0)
+    adapters = _trained_adapters(ours.unet_params, 4, 2.0, ATTENTION, seed=3)
+    rng = np.random.default_rng(3)
+    size, cfg = ours.unet.config.sample_size, ours.unet.config
+    latents = rng.standard_normal((2, size, size, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 7, cfg.cross_attention_dim)).astype(np.float32)
+    added = {"text_embeds": rng.standard_normal((2, cfg.pooled_text_dim)).astype(np.float32),
+             "time_ids": np.array([[64, 64, 0, 0, 64, 64], [48, 64, 8, 0, 64, 64]], np.float32)}
+    timesteps = np.array([3, 871])
+
+    def run(params):
+        return ours.unet.apply({"params": params}, latents, timesteps, context, **added)
+
+    adapted = np.asarray(adapted_call(run, ours.unet_params, adapters))
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+
+    def theirs() -> np.ndarray:
+        with torch.no_grad():
+            return nhwc(pipe.unet(
+                nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context),
+                added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample)
+
+    base = theirs()
+    _assert_close(np.asarray(run(ours.unet_params)), base)
+    assert np.abs(adapted - base).max() > 1e-2 * np.abs(base).max()
+    written = export.export_concept(tmp_path / "run", name="teapot", placeholder="<s*>",
+                                    lora=jax.device_get(adapters))
+    for kind, source in (("peft", tmp_path / "run"), ("kohya", written["lora_kohya"])):
+        pipe.load_lora_weights(str(source), adapter_name=kind)
+        _assert_close(theirs(), adapted)
+        pipe.unload_lora_weights()

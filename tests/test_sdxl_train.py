@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import packing
 import pytest
@@ -34,6 +35,24 @@ def test_sdxl_step_trains_both_encoders_parts_with_added_conditioning():
     moved = np.abs(np.asarray(state.params["embeds"])[0, 0] - before)
     assert moved[:32].max() > 0 and moved[32:].max() > 0
 
+
+
+@pytest.mark.slow
+def test_lora_trains_on_sdxl_and_only_its_adapters_move():
+    """The lora method on the SDXL U-Net (added conditioning in every pass): the adapters' B
+    leave zero, S* and the frozen models stay as they were. The adapters' file loads into
+    diffusers' StableDiffusionXLPipeline (tests/test_sdxl_sample.py)."""
+    setup = random_setup("tiny_sdxl", batch_size=2, methods=("lora",), learning_rate=1e-3)
+    assert set(setup.state.params) == {"embeds", "lora"}
+    frozen_before = jax.device_get(setup.frozen)
+    state, history = packing.run_steps(setup, packing.one_device_step(setup), 2)
+    assert np.isfinite(float(history[-1]["diffusion"][0]))
+    np.testing.assert_array_equal(state.params["embeds"], setup.state.params["embeds"])
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(setup.frozen))
+    b_leaves = [np.asarray(leaf) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(state.params["lora"])
+                if jax.tree_util.keystr(path).endswith("'B']")]
+    assert b_leaves and sum(np.abs(b).max() > 0 for b in b_leaves) > len(b_leaves) // 2
 
 @pytest.mark.slow
 def test_core_sdxl_config_trains_samples_and_exports(tmp_path):
