@@ -22,11 +22,13 @@ import pytest
 from flax import traverse_util
 from jax.test_util import check_grads
 
+from core_jax.config import stage_config
 from core_jax.diffusion import denoised, make_schedule
 from core_jax.errors import InputError
 from core_jax.methods.base import Settings
 from core_jax.methods.palp import DEFAULTS, METHOD, prompt_aligned_score_loss, target_prompt
 from core_jax.train.passes import Passes, draw_batch
+from core_jax.train.stages import build_program
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,12 +137,25 @@ def _moved(adapters, seed: int):
     return adapters.replace(layers=traverse_util.unflatten_dict(flat))
 
 
+def test_the_stage_trains_s_star_and_the_adapters_with_the_term():
+    """Built, not compiled: the program has PALP's term and reads its passes, the state holds
+    S* and the adapters only, each run's target prompt encoded once beside the empty prompt."""
+    setup = _setup()
+    assert set(setup.program.trains) == {"embeds", "lora"} == set(setup.state.params)
+    assert {t.name for t in setup.program.terms} == {"diffusion", "palp"}
+    assert {"palp_x0", "palp_teacher", "palp_student", "snr"} <= setup.program.needs
+    assert setup.data.target_hidden.shape == setup.data.null_hidden.shape
+    assert setup.data.target_hidden.shape[:2] == (1, 77)
+    # A zero weight in every run: the term and its passes are absent from the program.
+    off = build_program([stage_config(("textual_inversion", "palp"), lambda_palp=0.0)],
+                        setup.program.models, "epsilon")
+    assert {t.name for t in off.terms} == {"diffusion"}
+    assert not off.needs & {"palp_x0", "palp_teacher", "palp_student"}
+
+
 @pytest.mark.slow
 def test_passes_x0_carries_the_gradient_the_scores_do_not_and_the_teacher_is_frozen():
     setup = _setup()
-    assert {t.name for t in setup.program.terms} == {"diffusion", "palp"}
-    assert set(setup.state.params) == {"embeds", "lora"}
-    assert setup.data.target_hidden.shape == setup.data.null_hidden.shape
     batch = draw_batch(setup.state.rng, setup.state.step, setup.data, setup.schedule,
                        jnp.arange(2))
     unet, alphas = setup.program.models.unet, setup.schedule.alphas_cumprod[batch.timesteps]
