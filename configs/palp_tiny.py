@@ -22,10 +22,10 @@ compiling the step (the caption pass with its backward, plus the teacher's and t
 forward passes) and the grid sampler: the 40 steps themselves took seconds.
 What it should reach: `diffusion` and `palp` logged and finite at every step (`palp` is
 0.5 mean((teacher - student)^2), nonzero from the first step: the teacher reads y_c, the
-student y_P; measured 1.22, 0.95, 0.93, 1.39 at steps 10-40, diffusion 1.19-1.35); pytorch_lora_weights.safetensors (diffusers' `unet.` names) and
-a1111/lora/chelsea.safetensors (kohya names), learned_embeds.safetensors, sample grids with the
-adapters merged. With random weights the pictures are noise: this run proves the machinery,
-not the method.
+student y_P; measured 1.22, 0.95, 0.93, 1.39 at steps 10-40, diffusion 1.19-1.35);
+pytorch_lora_weights.safetensors (diffusers' `unet.` names) and a1111/lora/chelsea.safetensors
+(kohya names), learned_embeds.safetensors, sample grids with the adapters merged. With random
+weights the pictures are noise: this run proves the machinery, not the method.
 """
 
 from core_jax.config import base_config, stage_config

@@ -22,7 +22,7 @@ import pytest
 from flax import traverse_util
 from jax.test_util import check_grads
 
-from core_jax.config import stage_config
+from core_jax.config import base_config, stage_config
 from core_jax.diffusion import denoised, make_schedule
 from core_jax.errors import InputError
 from core_jax.methods.base import Settings
@@ -118,6 +118,23 @@ def test_the_target_prompt_names_the_class_never_s_star():
     for bad in ("a sketch of a {}", "a {cls} {x}", " "):
         with pytest.raises(InputError, match="palp_prompt"):
             target_prompt(bad, "cat")
+
+
+def test_runs_differing_in_their_target_prompt_are_one_sweep_group(tmp_path):
+    from core_jax.train.loop import Run
+    from core_jax.train.sweep import group_key
+
+    def run(prompt: str, guidance: float) -> Run:
+        config = base_config()
+        config.stage1 = stage_config(("textual_inversion", "palp"), palp_prompt=prompt,
+                                     palp_teacher_guidance=guidance)
+        return Run("r", config, tmp_path)
+
+    assert group_key(run("a sketch of a {cls}", 15.0)) == group_key(
+        run("an oil painting of a {cls} at night", 7.5))
+    other = run("a sketch of a {cls}", 15.0)
+    other.config.stage1.palp_rescale = False  # static: another program
+    assert group_key(other) != group_key(run("a sketch of a {cls}", 15.0))
 
 
 def _setup(**stage):

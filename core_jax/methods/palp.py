@@ -48,7 +48,8 @@ Keys (stage config): `palp_prompt` the clean target prompt y_c, "{cls}" filled w
 concept's super-category ("a sketch of a {cls} in Paris"); it must not hold "{}" (y_c has no
 placeholder). Each run's y_c and the empty prompt are encoded once by the frozen encoder
 (`ConceptData.target_hidden`, `null_hidden`: constants, as y_cat's encodings are), so runs
-with different target prompts pack into one program. `palp_teacher_guidance` alpha,
+with different target prompts pack into one program (a sweep groups them together:
+`Method.run_texts`). `palp_teacher_guidance` alpha,
 `palp_student_guidance` beta and `lambda_palp` are per-run numbers; `palp_rescale` is static.
 The teacher is the frozen U-Net every packed run shares (`Passes.unet(personalized=False)`),
 never a copy. Each step adds four forward-only U-Net passes on x^_t (teacher and student, each
@@ -152,6 +153,7 @@ METHOD = Method(
     source="arXiv 2401.06105 (sections 4.2-4.4, appendix C: rank 32, lr 5e-5, 500 steps, "
            "guidance 15 / 7.5); no official code",
     numbers=("lambda_palp", "palp_teacher_guidance", "palp_student_guidance"),
+    run_texts=("palp_prompt",),
     trains={"lora": "learning_rate"},
     terms=_terms,
 )
