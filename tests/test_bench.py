@@ -297,6 +297,13 @@ def test_dreambooth_and_custom_diffusion_variants_read_what_they_need():
     assert set(boost.program.trains) == {"embeds", "text_lora"}
     assert {t.name for t in boost.program.terms} == {"diffusion", "kp"}
     assert boost.data.kp_frozen.shape[:2] == boost.data.kp_ids.shape[:2]
+    # PALP: S* and the U-Net's adapters, its term on stood-in target and empty prompts.
+    aligned = bench.variant_setup(setup, "palp")
+    assert set(aligned.program.trains) == {"embeds", "lora"}
+    assert {t.name for t in aligned.program.terms} == {"diffusion", "palp"}
+    assert {"palp_teacher", "palp_student"} <= aligned.program.needs
+    assert aligned.data.target_hidden.shape == aligned.data.cat_hidden[:, 0].shape
+    assert float(aligned.numbers["learning_rate"][0]) == pytest.approx(5e-5)
     attn = bench.variant_setup(setup, "attn_dreambooth")
     assert set(attn.program.trains) == {"cross_attention"}
     assert {t.name for t in attn.program.terms} == {"diffusion", "attn_mean", "attn_var"}

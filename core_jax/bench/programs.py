@@ -7,7 +7,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
 and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
 `textboost` (S* and text-encoder LoRA with knowledge preservation), `xti` (S*'s vectors per
-cross-attention layer: 16 text passes), `attn_dreambooth` (AttnDreamBooth's stage 2: every attn2
+cross-attention layer: 16 text passes), `palp` (S* and rank-32 U-Net LoRA with PALP's
+score-sampling term: four forward-only U-Net passes on x^_t besides the caption pass),
+`attn_dreambooth` (AttnDreamBooth's stage 2: every attn2
 projection, the attention mean/var regularizer on the caption pass), `tto` (CoRe's test-time
 optimization: L_emb and L_attn, no diffusion loss); and `sample` (a 50-step DDIM chain with
 classifier-free guidance).
@@ -76,6 +78,9 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # XTI / P+: S*'s vectors per cross-attention layer, the text encoder once per layer (lr:
     # core_jax.methods.xti's, [UNVERIFIED] for XTI).
     "xti": (("xti",), dict(learning_rate=5e-3)),
+    # PALP: S* and the U-Net's attention LoRA (rank 32) at the paper's lr 5e-5 (appendix C),
+    # the score-sampling term at guidance 15 / 7.5 (core_jax.methods.palp's defaults).
+    "palp": (("textual_inversion", "palp"), dict(learning_rate=5e-5)),
     # AttnDreamBooth's stage 2 (its code's lr and weights): to_q/k/v/out of attn2, the mean/var
     # regularizer read off the caption pass. The bench caption has no class word, so the token
     # after S* is the end of text: the same work as the real target.
@@ -165,7 +170,8 @@ def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
     pool (prior preservation: the view pool again, "a photo of a <class>" as y_cat's first
     template), view masks (Custom Diffusion's masked loss: the whole image) and ClassDiffusion's
     two phrases (y*'s first template twice), TextBoost's prior prompts (the y_cat prompts and
-    their frozen encodings, drawn uniformly). Same shapes and work as the real ones."""
+    their frozen encodings, drawn uniformly), PALP's target and empty prompts (y_cat's first
+    template's frozen encoding for both). Same shapes and work as the real ones."""
     if "prior_preservation" in methods and data.class_mean is None:
         data = dataclasses.replace(data, class_mean=data.latent_mean, class_std=data.latent_std,
                                    class_hidden=data.cat_hidden[:, 0])
@@ -180,6 +186,9 @@ def method_data(data: ConceptData, methods: Sequence[str]) -> ConceptData:
         data = dataclasses.replace(
             data, kp_ids=data.obj_ids, kp_frozen=data.cat_hidden,
             kp_weights=jnp.full(data.obj_ids.shape[:2], 1.0 / size, jnp.float32))
+    if "palp" in methods and data.target_hidden is None:
+        data = dataclasses.replace(data, target_hidden=data.cat_hidden[:, 0],
+                                   null_hidden=data.cat_hidden[:, 0])
     return data
 
 

@@ -22,7 +22,7 @@ def describe(name: str | None = None) -> str:
             f"{method.name}: {method.summary}",
             f"  trains:   {', '.join(f'{g} (lr: {k})' for g, k in method.trains.items()) or '-'}",
             f"  terms:    {', '.join(terms) or '-'}",
-            f"  per run:  {', '.join(method.numbers) or '-'}",
+            f"  per run:  {', '.join((*method.numbers, *method.run_texts)) or '-'}",
             f"  hooks:    {', '.join(hooks) or '-'}",
             "  keys:     " + (", ".join(f"{k}={v!r}" for k, v in method.defaults.items()) or "-"),
         ]

@@ -15,6 +15,7 @@ from core_jax.diffusion.samplers import (
 from core_jax.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
+    denoised,
     load_schedule,
     make_schedule,
     sample_timesteps,
@@ -30,6 +31,7 @@ __all__ = [
     "add_noise",
     "cfg_combine",
     "ddim_step",
+    "denoised",
     "dpmpp_2m_step",
     "guided",
     "inference_timesteps",

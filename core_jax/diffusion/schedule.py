@@ -164,6 +164,20 @@ def training_target(
     return a * noise - s * x0
 
 
+def denoised(
+    schedule: NoiseSchedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The clean sample and the noise a model output at ``x_t`` implies: (x0, epsilon), each
+    ``[B, ...]``. With a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t): epsilon prediction
+    ``x0 = (x_t - s eps) / a``; v prediction ``x0 = a x_t - s v`` and ``eps = a v + s x_t``."""
+    a, s = _sqrt_alphas(schedule, t, x_t)
+    if schedule.prediction_type == "epsilon":
+        return (x_t - s * model_output) / a, model_output
+    if schedule.prediction_type == "v_prediction":
+        return a * x_t - s * model_output, a * model_output + s * x_t
+    raise ValueError(f"unsupported prediction_type {schedule.prediction_type!r}")
+
+
 def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio ``alpha_bar_t / (1 - alpha_bar_t)``; ``t`` any int shape, same out."""
     alpha_bar = schedule.alphas_cumprod[t]

@@ -124,6 +124,10 @@ class Method:
     source: str = ""  # where the defaults come from (paper, code, METHODS.md)
     # Of those keys, the per-run numbers: a sweep varies them without compiling anew.
     numbers: tuple[str, ...] = ()
+    # Of its string keys, those each run may set its own way: they fill the runs' concept data
+    # (PALP's target prompt, encoded once), never the program, so runs that differ in them
+    # still pack into one program.
+    run_texts: tuple[str, ...] = ()
     # Of its string keys, the allowed values.
     choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # Parameter groups it trains, each with the key of its learning rate.

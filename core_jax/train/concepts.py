@@ -100,6 +100,7 @@ def build_concept_data(
     captions: Sequence[str] | None = None,
     with_phrases: bool = False,
     knowledge: Sequence[tuple[Sequence[str], Sequence[float]]] | None = None,
+    target_prompts: Sequence[str] | None = None,
 ) -> ConceptData:
     """Stack C concepts' tables; templates are padded to the longest set (padding never drawn).
 
@@ -113,7 +114,9 @@ def build_concept_data(
     here once; `captions[c]`: each concept's own caption, when the caption names the class;
     `with_phrases`: each concept's `SEMANTIC_PHRASES` (ClassDiffusion's loss reads them);
     `knowledge[c]`: the concept's prior prompts and their probabilities (`knowledge_prompts`),
-    encoded here once by the frozen encoder (TextBoost; SD 1.x/2.x).
+    encoded here once by the frozen encoder (TextBoost; SD 1.x/2.x); `target_prompts[c]`: the
+    run's clean target prompt (PALP), encoded here once by the frozen encoder with the empty
+    prompt beside it (SD 1.x/2.x).
     """
     latent_pools = [LatentPool(*pool) for pool in latent_pools]
     with_masks = {pool.mask is not None for pool in latent_pools}
@@ -187,6 +190,16 @@ def build_concept_data(
             kp_ids=jnp.asarray(np.stack(kp_ids)),
             kp_frozen=jnp.asarray(np.stack([np.asarray(encode(jnp.asarray(i))) for i in kp_ids])),
             kp_weights=jnp.asarray(np.stack(kp_weights)),
+        )
+    if target_prompts is not None:
+        if text_encoder_2 is not None:
+            raise InputError("PALP's teacher passes are built for one text encoder (SD 1.x/2.x), "
+                             "not SDXL (its U-Net also reads pooled embeddings)")
+        target_hidden = encode(jnp.asarray(tokenize(tokenizer, list(target_prompts))))
+        null_hidden = encode(jnp.asarray(tokenize(tokenizer, [""])))
+        optional.update(
+            target_hidden=jnp.asarray(target_hidden),
+            null_hidden=jnp.asarray(jnp.broadcast_to(null_hidden, target_hidden.shape)),
         )
     if any(s.init_word for s in specs):
         optional["init_embed"] = jnp.asarray(np.stack([

@@ -28,6 +28,7 @@ from core_jax import export
 from core_jax.data import save_image_grid
 from core_jax.errors import InputError, NonFiniteError
 from core_jax.files import atomic_write_bytes
+from core_jax.methods import palp
 from core_jax.methods.prior import POOL_KEYS
 from core_jax.sample import Pipeline, generate
 from core_jax.text import (
@@ -229,6 +230,12 @@ class Group:
             prior["with_phrases"] = True
         if any("kp_hidden" in program.needs for program in self.programs):
             prior["knowledge"] = [knowledge_prompts(s.super_category, s.templates) for s in specs]
+        palp_stages = [name for name, program in zip(self.stages, self.programs, strict=True)
+                       if program.needs & palp.PASSES]
+        if palp_stages:  # one target prompt per run: the first such stage's
+            prior["target_prompts"] = [
+                palp.target_prompt(r.config[palp_stages[0]].palp_prompt,
+                                   r.config.concept.super_category) for r in slots]
         return run_setup.concept_data(m, self.tokenizer, self.text, specs, pools, **prior)
 
 

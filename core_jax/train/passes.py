@@ -24,12 +24,19 @@ batch rows [b_l].
 | obj_stats / cat_stats | [C, L, b, T] | per-token cross-attention means with y* / y_cat |
 | loss_mask | [C, b, h, w, 1] | each row's object region (views with masks only) |
 | data_shards | [C] | how many devices split the rows (for batch sums) |
+| palp_x0 | [C, b, h, w, c] | x0 the caption pass predicts (PALP's x^_0; gradient flows) |
+| palp_teacher | [C, 2, b, h, w, c] | frozen U-Net's noise (unconditional, target prompt) at x^_t |
+| palp_student | [C, 2, b, h, w, c] | the run's own U-Net's noise (unconditional, caption) at x^_t |
 
 With per-layer vectors (a group with `ParamGroup.layer_vectors`: XTI), caption_hidden and
 obj_hidden are [C, L, T, D], one encoding per cross-attention layer, and the U-Net passes give
 layer k encoding k (`core_jax.layer_contexts`); terms that read them whole refuse such runs.
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
+PALP's x^_t is x^_0 noised again with the row's own noise and timestep, under stop_gradient; its
+teacher (the frozen U-Net, never the runs' groups) and student (each run's U-Net, its groups
+applied) passes are forward only, their noise predictions constants (`stop_gradient`), in
+epsilon space whatever the model predicts.
 The class rows of prior preservation (b per concept, drawn from the concept's pool of generated
 class images, `ConceptData.class_mean`) ride in the caption pass's U-Net call, as diffusers'
 `train_dreambooth.py` concatenates instance and class batches.
@@ -51,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
+from core_jax.diffusion import NoiseSchedule, add_noise, denoised, snr, training_target
 from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
 from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
@@ -197,6 +204,9 @@ _DEPENDS = {
     "caption_stats": ("caption_hidden",),
     "caption_stats_var": ("caption_hidden",),
     "obj_stats": ("obj_hidden",),
+    "palp_x0": ("caption_pred",),
+    "palp_teacher": ("palp_x0",),
+    "palp_student": ("palp_x0", "caption_hidden"),
 }
 
 
@@ -349,7 +359,7 @@ class Passes:
     def unet(
         self, contexts: list[jax.Array], with_stats: bool,
         inputs: list[tuple[jax.Array, jax.Array] | None] | None = None,
-        pooled: list[jax.Array] | None = None,
+        pooled: list[jax.Array] | None = None, personalized: bool = True,
     ) -> list[tuple]:
         """The U-Net once per context [C_l, T, D] (every row of a concept takes its concept's
         context; SDXL: and its pooled embedding [C_l, P], and every row its view's add-time
@@ -357,7 +367,8 @@ class Passes:
         those (noisy latents [C_l, b_l, ...], timesteps [C_l, b_l]; not on SDXL, whose
         add-time ids come with this step's views). Returns per context (prediction
         [C_l, b_l, ...], attention statistics {"mean", "var"} each [C_l, L, b_l, T], or None);
-        what no term reads of them XLA drops."""
+        what no term reads of them XLA drops. `personalized` False: the frozen U-Net itself,
+        whatever groups the runs have (PALP's teacher)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
         num_layers = max((c.shape[1] for c in contexts if c.ndim == 4), default=0)
@@ -389,7 +400,7 @@ class Passes:
                 return out, None
             return out[0], {kind: cross_attention_stats(out[1], kind) for kind in STAT_KINDS}
 
-        groups = unet_groups(self.params)
+        groups = unet_groups(self.params) if personalized else []
         if groups:  # each concept's own call, concept-major rows, the frozen U-Net shared
             frozen_unet = self.frozen["unet"]
             shared = {name: self.frozen[name] for name in groups if name in self.frozen}
@@ -620,6 +631,36 @@ def _knowledge(p: Passes) -> None:
     p._values["kp_frozen"] = take(p.data.kp_frozen, index)
 
 
+def _flat(a: jax.Array) -> jax.Array:
+    """[C_l, b_l, ...] -> [C_l * b_l, ...] (concept-major rows, as the batch's)."""
+    return a.reshape((-1,) + a.shape[2:])
+
+
+def _palp_x0(p: Passes) -> jax.Array:
+    """x^_0 = the clean latents the caption pass's prediction implies at this step's x_t (PALP's
+    Eq. 2), with its gradient. [C_l, b_l, h, w, c]"""
+    x0, _ = denoised(p.schedule, _flat(p["caption_pred"]), p.x_t, p.batch.timesteps)
+    return p.per_concept(x0)
+
+
+def _palp_pair(p: Passes, context: jax.Array, personalized: bool) -> jax.Array:
+    """The noise [C_l, 2, b_l, h, w, c] the U-Net predicts at x^_t (x^_0 noised again with each
+    row's own noise and timestep: PALP's "same noise" variant), unconditionally and with
+    `context` [C_l, T, D]; constants."""
+    b = p.batch
+    x_hat = jax.lax.stop_gradient(add_noise(p.schedule, _flat(p["palp_x0"]), b.noise,
+                                            b.timesteps))
+    inputs = (p.per_concept(x_hat), p.per_concept(b.timesteps))
+    if p.data.null_hidden is None:
+        raise ValueError("a term reads PALP's passes but the concept data has no target prompt "
+                         "(build_concept_data(target_prompts=...))")
+    results = p.unet([p.data.null_hidden, context], with_stats=False, inputs=[inputs, inputs],
+                     personalized=personalized)
+    eps = [p.per_concept(denoised(p.schedule, _flat(pred), x_hat, b.timesteps)[1])
+           for pred, _ in results]
+    return jax.lax.stop_gradient(jnp.stack(eps, axis=1))
+
+
 def _loss_mask(p: Passes) -> jax.Array:
     if p.batch.mask is None:
         raise ValueError("a term reads loss_mask but the concept data has no view masks; make "
@@ -667,6 +708,9 @@ COMPUTATIONS: dict[str, Callable[[Passes], None]] = {
     "kp_hidden": _knowledge,
     "kp_frozen": _knowledge,
     "phrase_ids": _set("phrase_ids", lambda p: p.data.phrase_ids),
+    "palp_x0": _set("palp_x0", _palp_x0),
+    "palp_teacher": _set("palp_teacher", lambda p: _palp_pair(p, p.data.target_hidden, False)),
+    "palp_student": _set("palp_student", lambda p: _palp_pair(p, p["caption_hidden"], True)),
     "data_shards": _set("data_shards", lambda p: jnp.full((p.num_concepts,), p.data_shards,
                                                           jnp.float32)),
 }

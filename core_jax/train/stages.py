@@ -54,6 +54,12 @@ def number_keys(stage: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def run_text_keys(stage: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stage's per-run text keys (`Method.run_texts`): like its numbers, free to differ
+    between the runs of one pack."""
+    return tuple(dict.fromkeys(k for method in stage_methods(stage) for k in method.run_texts))
+
+
 def check_stage(name: str, stage: ml_collections.ConfigDict) -> None:
     """One line for a stage that cannot run: unknown methods, missing keys, a weight given to a
     method the stage does not list, nothing trained, a negative weight or a bad choice."""

@@ -65,6 +65,11 @@ class ConceptData:
     kp_ids: jax.Array | None = None  # [C, K, T]
     kp_frozen: jax.Array | None = None  # [C, K, T, D]
     kp_weights: jax.Array | None = None  # [C, K], each row sums to 1
+    # PALP's prompts (`core_jax.methods.palp`): the frozen encoder's encodings of each run's
+    # clean target prompt y_c ("a sketch of a cat") and of the empty prompt, its classifier-free
+    # guidance's unconditional branch (constants); None when no stage reads them.
+    target_hidden: jax.Array | None = None  # [C, T, D]
+    null_hidden: jax.Array | None = None  # [C, T, D]
     # [C, P, h, w, 1] bool: each view's object region (Custom Diffusion's zoom augmentation,
     # `core_jax.data.zoom_views`); None: no masks (every other augmentation)
     latent_mask: jax.Array | None = None

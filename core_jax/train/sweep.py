@@ -35,7 +35,7 @@ from core_jax.train.class_pool import ClassPools
 from core_jax.train.loop import Env, Run, StopRequests, read_result, train_groups
 from core_jax.train.parallel import fit_mesh
 from core_jax.train.profile import StepProfiler
-from core_jax.train.stages import number_keys, stage_names
+from core_jax.train.stages import number_keys, run_text_keys, stage_names
 from core_jax.train.workdir import flatten_config
 
 
@@ -119,10 +119,11 @@ def check_same_training(run: Run, workdir: Path) -> None:
 
 def group_key(run: Run) -> str:
     """What must be equal for runs to share compiled programs: the config without the numbers
-    the step takes per run, without the seed and without the concept itself."""
+    the step takes per run and the texts each run's concept data holds (`run_text_keys`),
+    without the seed and without the concept itself."""
     c = json.loads(run.config.to_json())
     for stage in stage_names(run.config):
-        for name in number_keys(run.config[stage]):
+        for name in (*number_keys(run.config[stage]), *run_text_keys(run.config[stage])):
             c[stage].pop(name)
     c.pop("seed")
     for field in ("name", "images", "super_category", "templates"):

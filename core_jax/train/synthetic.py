@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from core_jax.config import STAGE1_METHODS, stage_config
 from core_jax.diffusion import NoiseSchedule, make_schedule
+from core_jax.methods import palp
 from core_jax.models.presets import get_preset, random_models
 from core_jax.models.unet import UNetConfig
 from core_jax.text import (
@@ -138,6 +139,9 @@ def random_setup(
         with_phrases="phrase_hidden" in program.needs,
         knowledge=([knowledge_prompts(s.super_category, s.templates) for s in specs]
                    if "kp_hidden" in program.needs else None),
+        target_prompts=([palp.target_prompt(st.palp_prompt, s.super_category)
+                         for st, s in zip(stages, specs, strict=True)]
+                        if program.needs & palp.PASSES else None),
     )
     frozen = with_shared({k: v for k, v in models.params.items() if k != "vae"},
                          program.trains)
