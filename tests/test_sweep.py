@@ -19,11 +19,21 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 ONE = {**os.environ, "XLA_FLAGS": ""}
+# The finished sweep and the SIGTERM'd one share their own compilation cache (`--compile_cache`),
+# not the test session's, which skips programs that compile in under 0.5 s (conftest.py).
+OWN_CACHE = {k: v for k, v in EIGHT.items()
+             if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
+                                  "CORE_JAX_COMPILE_CACHE"))}
 
 
-def sweep_cmd(workdir: Path) -> list[str]:
+def sweep_cmd(workdir: Path, cache: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "core_jax", "sweep", "--config",
-            str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(workdir)]
+            str(ROOT / "configs/sweep_tiny.py"), "--workdir", str(workdir),
+            *([f"--compile_cache={cache}"] if cache else [])]
+
+
+def compile_summary(workdir: Path) -> dict:
+    return json.loads((workdir / "sweep_summary.json").read_text())["compile"]
 
 
 def learned(folder: Path) -> np.ndarray:
@@ -37,8 +47,8 @@ def unet(folder: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("sweep")
-    result = subprocess.run(sweep_cmd(workdir), capture_output=True, text=True, env=EIGHT,
-                            timeout=900)
+    result = subprocess.run(sweep_cmd(workdir, workdir.parent / "sweep_cache"),
+                            capture_output=True, text=True, env=OWN_CACHE, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     # Not told how to split 8 devices, the sweep chose the only split that fits pack 4 and
     # batch 2 (4 concept shards x 2 data shards) and said so.
@@ -113,7 +123,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_
                    for p in (tmp_path / "runs").glob("*/result.json")}
     assert done_before, "the first pack finished before the kill"
     result = subprocess.run(sweep_cmd(tmp_path), capture_output=True, text=True, env=EIGHT,
-                            timeout=900)
+                            timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     for name, mtime in done_before.items():
         assert (tmp_path / "runs" / name / "result.json").stat().st_mtime_ns == mtime, name
@@ -125,8 +135,11 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_sweep_and_a_rerun_finishes_it(finished_sweep, tmp_path):
-    process = subprocess.Popen(sweep_cmd(tmp_path), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=EIGHT)
+    """Also the compilation cache across a restart: with the finished sweep's cache, the
+    resumed process reads every program it needs and compiles none."""
+    cache = finished_sweep.parent / "sweep_cache"
+    process = subprocess.Popen(sweep_cmd(tmp_path, cache), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=OWN_CACHE)
     first_checkpoint = tmp_path / "checkpoints" / "group0_pack0" / "2"
     deadline = time.monotonic() + 600
     while not first_checkpoint.is_dir() and time.monotonic() < deadline:
@@ -137,10 +150,15 @@ def test_sigterm_checkpoints_the_sweep_and_a_rerun_finishes_it(finished_sweep, t
     assert "SIGTERM received: checkpoint saved at step" in output
     assert "run the same command again to resume" in output
     assert not (tmp_path / "sweep_summary.json").exists()
-    result = subprocess.run(sweep_cmd(tmp_path), capture_output=True, text=True, env=EIGHT,
-                            timeout=900)
+    result = subprocess.run(sweep_cmd(tmp_path, cache), capture_output=True, text=True,
+                            env=OWN_CACHE, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at step" in result.stdout + result.stderr
+    first, resumed = compile_summary(finished_sweep), compile_summary(tmp_path)
+    print("first:", first, "resumed:", resumed)
+    assert first["cache_misses"] > 0 and first["cache_dir"] == resumed["cache_dir"] == str(cache)
+    assert resumed["cache_hits"] > 0 and resumed["cache_misses"] == 0
+    assert resumed["compile_s"] < 0.5 * first["compile_s"]
     # Same mesh, same programs, the same state restored: bitwise the uninterrupted sweep.
     for folder in (finished_sweep / "runs").iterdir():
         np.testing.assert_array_equal(learned(tmp_path / "runs" / folder.name), learned(folder))
