@@ -7,6 +7,8 @@ it cannot share a stage with; the mapper's export round-trips and the sampler dr
 
 from __future__ import annotations
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -192,3 +194,150 @@ def test_neti_refuses_core_xti_and_sdxl_in_one_line():
     with pytest.raises(InputError, match="one text encoder"):
         get_method("neti").terms(Settings(alone, encoder_widths=(768, 1280)))
     assert [t.name for t in get_method("neti").terms(Settings(alone))] == ["diffusion"]
+
+
+# --- Values apart in the per-layer U-Net call, the bypassed encoding ---------------------------
+
+def test_values_apart_give_each_to_v_its_own_context():
+    """With 2 L contexts, layer k's keys read context k and its values context L + k; equal
+    keys' and values' contexts give the plain per-layer call."""
+    from flax import linen as nn
+
+    from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
+    from core_jax.models.presets import random_models
+
+    models = random_models("micro", 0)
+    unet, params = models.unet, models.params["unet"]
+    layers = cross_attention_layers(unet)
+    rng = np.random.default_rng(0)
+    size = unet.config.sample_size
+    x = jnp.asarray(rng.standard_normal((2, size, size, unet.config.in_channels)), jnp.float32)
+    t = jnp.asarray([10, 900])
+    keys = jnp.asarray(rng.standard_normal((len(layers), 2, 5, unet.config.cross_attention_dim)),
+                       jnp.float32)
+    values = keys + jnp.asarray(rng.standard_normal(keys.shape), jnp.float32)
+
+    def call(contexts, apart, inner=None):
+        with per_layer_contexts(layers, values_apart=apart), inner or contextlib.nullcontext():
+            return unet.apply({"params": params}, x, t, join_layers(contexts))
+
+    same = call(jnp.concatenate([keys, keys]), True)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(call(keys, False)), atol=1e-6)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.name in ("to_k", "to_v"):
+            path = "/".join(context.module.path[:-2])
+            if path in layers:
+                seen[(path, context.module.name)] = args[0]
+        return next_fun(*args, **kwargs)
+
+    # Recorded inside (after) per_layer_contexts: what to_k and to_v are given.
+    apart = call(jnp.concatenate([keys, values]), True, nn.intercept_methods(record))
+    for k, layer in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(seen[(layer, "to_k")]), np.asarray(keys[k]))
+        np.testing.assert_array_equal(np.asarray(seen[(layer, "to_v")]), np.asarray(values[k]))
+    assert np.abs(np.asarray(apart - same)).max() > 1e-4
+
+
+def test_bypassed_encoding_shifts_s_star_before_the_final_layer_norm():
+    from flax import linen as nn
+
+    from core_jax.models.presets import random_models
+    from core_jax.text import (
+        encode_per_layer,
+        encode_per_layer_with_bypass,
+        placeholder_slots,
+    )
+
+    models = random_models("tiny", 0)
+    text, text_params = models.text_encoder, models.params["text"]
+    width = text.config.hidden_size
+    placeholder = text.config.vocab_size
+    ids = jnp.asarray([[49406, 320, placeholder, 49407] + [49407] * 73] * 2)
+    slots = placeholder_slots(ids, [placeholder])
+    rng = np.random.default_rng(1)
+    learned = jnp.asarray(rng.standard_normal((2, 3, 1, width)), jnp.float32)  # [R, L, V, D]
+    bypass = jnp.asarray(rng.standard_normal((2, 3, 1, width)), jnp.float32)
+    hidden, bypassed = encode_per_layer_with_bypass(text, text_params, ids, learned, slots,
+                                                    bypass, neti.apply_bypass)
+    chex.assert_shape((hidden, bypassed), (2, 3, 77, width))
+    for r in range(2):  # the keys' encoding is the ordinary per-layer one
+        want = encode_per_layer(text, text_params, ids[r:r + 1], learned[r], (
+            slots[0][r:r + 1], slots[1][r:r + 1]))[:, 0]
+        np.testing.assert_allclose(np.asarray(hidden[r]), np.asarray(want), atol=1e-5)
+    # By hand: the pre-norm state at S* (position 2) shifted, then the final layer norm; the
+    # other positions unchanged.
+    out = text.apply({"params": text_params}, ids[:1], inject_embeds=jnp.broadcast_to(
+        learned[0, 1], (1, 77, width)), inject_mask=slots[0][:1], output_hidden_states=True)
+    pre = out.hidden_states[-1][0, 2]
+    shifted = pre + 0.2 * bypass[0, 1, 0] / jnp.linalg.norm(bypass[0, 1, 0]) * jnp.linalg.norm(pre)
+    final = nn.LayerNorm(epsilon=text.config.layer_norm_eps).apply(
+        {"params": text_params["text_model"]["final_layer_norm"]}, shifted)
+    np.testing.assert_allclose(np.asarray(bypassed[0, 1, 2]), np.asarray(final), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bypassed[:, :, 3:]), np.asarray(hidden[:, :, 3:]),
+                               atol=1e-6)
+    assert np.abs(np.asarray(bypassed[:, :, 2] - hidden[:, :, 2])).max() > 1e-3
+
+
+# --- The step ----------------------------------------------------------------------------------
+
+def _setup(num_concepts: int = 1, per_run=None):
+    from core_jax.train.synthetic import random_setup
+
+    return random_setup(preset="tiny", unet_overrides={"layers_per_block": 1},
+                        num_concepts=num_concepts, batch_size=2, methods=("neti",),
+                        weight_decay=1e-2, per_run=per_run)
+
+
+@pytest.mark.slow
+def test_a_step_trains_the_mapper_and_nothing_else():
+    import packing
+
+    setup = _setup()
+    params = setup.state.params
+    assert set(params) == {"embeds", "neti"} and set(setup.program.trains) == {"neti"}
+    first = jax.device_get(params)
+    norm = np.linalg.norm(np.asarray(setup.data.super_embed), axis=-1)
+    np.testing.assert_allclose(first["neti"]["constants"]["norm"], norm, rtol=1e-6)
+    frozen_before = jax.device_get(setup.frozen)
+    state, history = packing.run_steps(setup, packing.one_device_step(setup), 2)
+    assert set(history[0]) >= {"diffusion", "loss"} and np.isfinite(history[-1]["diffusion"]).all()
+    after = state.params
+    trained = {k: v for k, v in after["neti"].items() if k != "constants"}
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), trained,
+                         {k: first["neti"][k] for k in trained})
+    assert all(m > 0 for m in jax.tree.leaves(moved)), moved  # every layer of the mapper
+    # The constants held (weight decay would shrink them), "embeds" untouched, frozen models too.
+    jax.tree.map(np.testing.assert_array_equal, after["neti"]["constants"],
+                 first["neti"]["constants"])
+    np.testing.assert_array_equal(after["embeds"], first["embeds"])
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(setup.frozen))
+    # S*'s vectors depend on the timestep (and the layer).
+    one = jax.tree.map(lambda a: jnp.asarray(a[0]), after["neti"])
+    vectors, bypass = neti.timestep_vectors(one, jnp.asarray([0, 999]), None)
+    assert np.abs(np.asarray(vectors[0] - vectors[1])).max() > 1e-3
+    assert bypass is not None
+
+
+@pytest.mark.slow
+def test_packed_neti_runs_equal_each_alone():
+    """Two runs at learning rates 3x apart packed, and each alone: losses and gradient norms
+    to 1e-5 relative, the mapper to 2e-4 relative L2 (as tests/test_xti.py)."""
+    import packing
+
+    per_run = [{"learning_rate": 8e-3}, {"learning_rate": 2.4e-2}]
+    packed = _setup(2, per_run)
+    step_fn = packing.one_device_step(packed)
+    together, history_together = packing.run_steps(packed, step_fn, 2)
+    assert step_fn.jitted._cache_size() == 1
+    flat = lambda tree, c: np.concatenate([np.ravel(a[c]) for a in jax.tree.leaves(tree)])  # noqa: E731
+    for c in range(2):
+        alone = packing.alone(_setup(2, per_run), c)
+        state, history = packing.run_steps(alone, packing.one_device_step(alone), 2)
+        for h_alone, h_together in zip(history, history_together, strict=True):
+            for name in ("loss", "grad_norm"):
+                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-5)
+        want = flat(together.params["neti"], c)
+        error = np.linalg.norm(flat(state.params["neti"], 0) - want) / np.linalg.norm(want)
+        assert error < 2e-4, error
