@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import flax
 import jax
 import numpy as np
 from flax import linen as nn
@@ -45,6 +47,17 @@ def cross_attention_layers(unet: nn.Module) -> tuple[str, ...]:
         keys = [entry.key for entry in leaves[k][0] if isinstance(entry, jax.tree_util.DictKey)]
         paths.append("/".join(keys[: keys.index("attn2")]))
     return tuple(paths)
+
+
+@flax.struct.dataclass
+class TimestepVectors:
+    """S*'s vectors as a function of the timestep (NeTI's mapper), for the sampler: `value` is
+    one run's group value (a pytree, a jit argument), `vectors` its group's
+    `ParamGroup.timestep_vectors` and `bypass` its `ParamGroup.bypass` (static)."""
+
+    value: Any
+    vectors: Any = flax.struct.field(pytree_node=False)
+    bypass: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def join_layers(contexts: jax.Array) -> jax.Array:

@@ -55,7 +55,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, add_noise, snr, training_target
-from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
+from core_jax.layer_contexts import (
+    TimestepVectors,
+    cross_attention_layers,
+    join_layers,
+    per_layer_contexts,
+)
 from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
 from core_jax.text import (
@@ -275,7 +280,12 @@ def layer_vectors(params: dict[str, Any]) -> jax.Array | None:
 
 def run_vectors(params: dict[str, Any]) -> Any:
     """The vectors one run (its params without the concept axis) samples with: per layer
-    [L, V, D] when a group supplies them, else its "embeds" [V, D]."""
+    [L, V, D] when a group supplies them, a `TimestepVectors` when a group makes them from the
+    timestep (NeTI), else its "embeds" [V, D]."""
+    timed = _timestep_group(params)
+    if timed is not None:
+        group = group_of(timed)
+        return TimestepVectors(params[timed], group.timestep_vectors, group.bypass)
     name = _layer_group(params)
     return params["embeds"] if name is None else group_of(name).layer_vectors(params[name])
 
