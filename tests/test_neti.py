@@ -341,3 +341,106 @@ def test_packed_neti_runs_equal_each_alone():
         want = flat(together.params["neti"], c)
         error = np.linalg.norm(flat(state.params["neti"], 0) - want) / np.linalg.norm(want)
         assert error < 2e-4, error
+
+
+# --- Export and sampling -----------------------------------------------------------------------
+
+def test_mapper_export_round_trips_and_the_sampler_draws_with_it(tmp_path):
+    """The file holds the mapper and its rebuild config; loaded, it draws what the in-memory
+    mapper draws; the mapper is evaluated at each step (a mapper whose vectors differ only at
+    late timesteps draws something else); a file for other layers is refused."""
+    import json
+
+    from safetensors import safe_open
+
+    from core_jax import export
+    from core_jax.layer_contexts import TimestepVectors, cross_attention_layers
+    from core_jax.sample import generate, random_pipeline
+
+    pipeline = random_pipeline("micro")
+    layers = list(cross_attention_layers(pipeline.unet))
+    norm = 0.4  # a token embedding's norm in the random pipeline's range
+    mapper = neti.init_mapper(jax.random.key(7), norm, num_layers=len(layers),
+                              width=pipeline.embed_dim)
+    path = export.save_neti_mapper(tmp_path, "<s*>", layers, mapper)
+    assert path == tmp_path / export.NETI_NAME
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata()
+        names = set(f.keys())  # noqa: SIM118
+    assert {"hidden_0.kernel", "constants.frequencies", "bypass.kernel"} <= names
+    config = json.loads(metadata["config"])
+    assert config == {**config, "num_layers": len(layers), "num_time_anchors": 10,
+                      "hidden": 128, "width": pipeline.embed_dim, "bypass": True,
+                      "bypass_scale": 0.2}
+    assert json.loads(metadata["layers"])[0] == (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2")
+    placeholder, loaded = export.load_neti_mapper(tmp_path, layers)
+    assert placeholder == "<s*>"
+    chex.assert_trees_all_equal(loaded, jax.device_get(mapper))
+    with pytest.raises(InputError, match="not this U-Net's"):
+        export.load_neti_mapper(path, layers[:-1])
+
+    kwargs = dict(steps=2, guidance_scale=3.0, seed=0)
+    prompts = ["a photo of a <s*>"]
+    in_memory = generate(pipeline, prompts, TimestepVectors(
+        mapper, neti.timestep_vectors, neti.apply_bypass), **kwargs)
+    from_file = generate(pipeline, prompts, export.neti_vectors(loaded), **kwargs)
+    np.testing.assert_array_equal(from_file, in_memory)
+    # The sampler reads the mapper: another mapper draws another image.
+    other = neti.init_mapper(jax.random.key(8), norm, num_layers=len(layers),
+                             width=pipeline.embed_dim)
+    assert np.any(generate(pipeline, prompts, export.neti_vectors(other), **kwargs) != in_memory)
+
+
+# --- End to end --------------------------------------------------------------------------------
+
+MICRO = [
+    "--config.model.preset=micro", "--config.data.resolution=16", "--config.data.num_views=4",
+    "--config.stage1.steps=3", "--config.sample.steps=2", "--config.sample.images_per_prompt=1",
+    "--config.sample.prompts=('a photo of a {}',)", "--config.log_every=1",
+    "--config.checkpoint_every=3",
+]
+
+
+@pytest.mark.slow
+def test_core_jax_train_with_neti_tiny_exports_the_mapper(tmp_path):
+    """`core-jax train --config configs/neti_tiny.py` shrunk to the micro preset and 3 steps:
+    neti_mapper.safetensors holds the checkpoint's mapper, moved from its start;
+    `core-jax export` writes the same file and `core-jax sample` draws with it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from core_jax import export
+    from core_jax.layer_contexts import cross_attention_layers
+    from core_jax.models.presets import get_preset
+    from core_jax.models.unet import UNet2DConditionModel
+    from core_jax.train.outputs import export_run, sample_run
+
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "core_jax", "train", "--config",
+         str(root / "configs/neti_tiny.py"), "--workdir", str(workdir), *MICRO],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"diffusion"' in (workdir / "metrics.jsonl").read_text()
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options) as m:
+        state = m.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    assert set(state["params"]) == {"embeds", "neti"}
+    layers = list(cross_attention_layers(UNet2DConditionModel(get_preset("micro").unet)))
+    _, loaded = export.load_neti_mapper(workdir, layers)
+    trained = jax.tree.map(lambda a: np.asarray(a)[0], state["params"]["neti"])
+    chex.assert_trees_all_equal(loaded, trained)
+    written = export_run(workdir, tmp_path / "export")
+    assert tmp_path / "export" / export.NETI_NAME in written
+    _, again = export.load_neti_mapper(tmp_path / "export", layers)
+    chex.assert_trees_all_equal(again, loaded)
+    grid = sample_run(workdir, ["a S* in the jungle"], num_images=1, steps=2, sampler=None,
+                      guidance_scale=None, seed=0, out=tmp_path / "grid.png", say=lambda _: None)
+    assert grid.is_file()
