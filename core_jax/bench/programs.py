@@ -7,8 +7,9 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
 and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
 `textboost` (S* and text-encoder LoRA with knowledge preservation), `xti` (S*'s vectors per
-cross-attention layer: 16 text passes), `attn_dreambooth` (AttnDreamBooth's stage 2: every attn2
-projection, the attention mean/var regularizer on the caption pass), `tto` (CoRe's test-time
+cross-attention layer: 16 text passes), `neti` (NeTI's mapper: 16 text passes per row),
+`attn_dreambooth` (AttnDreamBooth's stage 2: every attn2 projection, the attention mean/var
+regularizer on the caption pass), `tto` (CoRe's test-time
 optimization: L_emb and L_attn, no diffusion loss); and `sample` (a 50-step DDIM chain with
 classifier-free guidance).
 
@@ -76,6 +77,10 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # XTI / P+: S*'s vectors per cross-attention layer, the text encoder once per layer (lr:
     # core_jax.methods.xti's, [UNVERIFIED] for XTI).
     "xti": (("xti",), dict(learning_rate=5e-3)),
+    # NeTI: the mapper of (timestep, layer), each row's caption encoded per layer with the
+    # vectors of its timestep (b x 16 text passes) and the bypass on the values (lr: the code's
+    # 1e-3 x 8 images, core_jax.methods.neti).
+    "neti": (("neti",), dict(learning_rate=8e-3)),
     # AttnDreamBooth's stage 2 (its code's lr and weights): to_q/k/v/out of attn2, the mean/var
     # regularizer read off the caption pass. The bench caption has no class word, so the token
     # after S* is the end of text: the same work as the real target.
