@@ -11,7 +11,9 @@ code's AdamW (lr 1e-3 x 8 images per update = 8e-3, weight decay 1e-2); batch 2 
 instead of the code's 8 and 1000 to run here. Nothing is downloaded.
 
 NeTI refuses to share a stage with CoRe (its terms read S*'s one vector); to compare them in
-one sweep give each its own named setting, as configs/xti_tiny.py shows for XTI.
+one sweep give each its own named setting, as configs/xti_tiny.py shows for XTI, with NeTI's
+keys added to the base stage (`c.stage1.update(core_jax.methods.neti.DEFAULTS)`; the CoRe runs
+ignore them). tests/test_xti.py runs such a sweep of XTI, NeTI and CoRe.
 
 Command:
     core-jax train --config configs/neti_tiny.py --workdir runs/neti_tiny
