@@ -282,8 +282,8 @@ def _terms(settings: Settings) -> tuple[Term, ...]:
 def _hooks(settings: Settings) -> tuple[Hook, ...]:
     """The constants stay as they began (weight decay would shrink them otherwise)."""
 
-    def init(params: dict) -> Any:
-        return params[GROUP]["constants"]
+    def init(params: dict) -> Any:  # a copy: the state's params and carry are donated apart
+        return jax.tree.map(jnp.copy, params[GROUP]["constants"])
 
     def hold(params: dict, carry: Any, step: jax.Array, numbers) -> tuple[dict, Any]:
         return {**params, GROUP: {**params[GROUP], "constants": carry}}, carry
