@@ -19,9 +19,11 @@ Command:
     core-jax train --config configs/neti_tiny.py --workdir runs/neti_tiny
     core-jax sample --workdir runs/neti_tiny --prompt "a S* in the jungle"
 
-Time here (2-core CPU): measured 6:58 wall once, on a machine loaded by two other test runs
-(most of it compiling the step and the sampler; then about 1 step/s).
-What it should reach: the diffusion term finite and logged; neti_mapper.safetensors (the
+Time here (2-core CPU): measured 10:09 wall (2:34 CPU) once, under load (load average ~10 from
+other jobs): 5:52 to the last step, nearly all of it compiling (~2.5 steps/s once compiled),
+then the sample grid (the mapper evaluated at each of its 20 steps) and the exports.
+What it should reach: the diffusion term finite and logged (measured at step 60: diffusion
+1.42, grad_norm 0.11); neti_mapper.safetensors (the
 mapper's weights and constants; the layers and the rebuild config in its metadata), which
 `core-jax sample` evaluates at each sampling step's timestep; learned_embeds.safetensors
 holding "cat"'s embedding (NeTI's code saves the untrained token row too); a sample grid drawn
