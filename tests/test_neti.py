@@ -198,6 +198,7 @@ def test_neti_refuses_core_xti_and_sdxl_in_one_line():
 
 # --- Values apart in the per-layer U-Net call, the bypassed encoding ---------------------------
 
+@pytest.mark.slow
 def test_values_apart_give_each_to_v_its_own_context():
     """With 2 L contexts, layer k's keys read context k and its values context L + k; equal
     keys' and values' contexts give the plain per-layer call."""
@@ -240,6 +241,7 @@ def test_values_apart_give_each_to_v_its_own_context():
     assert np.abs(np.asarray(apart - same)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_bypassed_encoding_shifts_s_star_before_the_final_layer_norm():
     from flax import linen as nn
 

@@ -262,10 +262,13 @@ def _check_stage(settings: Settings) -> None:
         method = get_method(name)
         if method.name == METHOD.name:
             continue
-        reads = {i for term in method.terms(settings) for i in term.inputs}
-        clash = sorted((reads & SINGLE_VECTOR_INPUTS) | ({"embeds"} & set(method.trains))
+        # Groups first: a method with vectors of its own (XTI) checks its stage in its terms.
+        clash = sorted(({"embeds"} & set(method.trains))
                        | {g for g, group in method.groups.items()
                           if group.text_call or group.layer_vectors or group.timestep_vectors})
+        if not clash:
+            reads = {i for term in method.terms(settings) for i in term.inputs}
+            clash = sorted(reads & SINGLE_VECTOR_INPUTS)
         if clash or method.hooks(settings):
             raise InputError(
                 f"neti cannot share a stage with {name}: it reads S*'s one vector or one "
