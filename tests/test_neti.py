@@ -324,8 +324,11 @@ def test_a_step_trains_the_mapper_and_nothing_else():
 
 @pytest.mark.slow
 def test_packed_neti_runs_equal_each_alone():
-    """Two runs at learning rates 3x apart packed, and each alone: losses and gradient norms
-    to 1e-5 relative, the mapper to 2e-4 relative L2 (as tests/test_xti.py)."""
+    """Two runs at learning rates 3x apart packed, and each alone: losses to 1e-5 relative,
+    gradient norms to 1e-3 (the mapper's gradient sums b x 16 rows' outer products through two
+    LayerNorms: reassociated sums over a batch of 4 or 2 rows move it by ~1e-4, measured), the
+    mapper to 2e-4 relative L2; a mix-up of the runs (their dropout draws, their learning
+    rates) would move the loss or the mapper by whole updates."""
     import packing
 
     per_run = [{"learning_rate": 8e-3}, {"learning_rate": 2.4e-2}]
@@ -338,8 +341,8 @@ def test_packed_neti_runs_equal_each_alone():
         alone = packing.alone(_setup(2, per_run), c)
         state, history = packing.run_steps(alone, packing.one_device_step(alone), 2)
         for h_alone, h_together in zip(history, history_together, strict=True):
-            for name in ("loss", "grad_norm"):
-                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=1e-5)
+            for name, rtol in (("loss", 1e-5), ("grad_norm", 1e-3)):
+                np.testing.assert_allclose(h_alone[name][0], h_together[name][c], rtol=rtol)
         want = flat(together.params["neti"], c)
         error = np.linalg.norm(flat(state.params["neti"], 0) - want) / np.linalg.norm(want)
         assert error < 2e-4, error
