@@ -34,18 +34,23 @@ folder and renamed into place, so a crash or error never leaves a partial file b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
 from core_jax import weights
 from core_jax.errors import InputError
 from core_jax.files import atomic_write_bytes, temp_sibling
+from core_jax.layer_contexts import TimestepVectors
 from core_jax.methods import custom_diffusion as custom_diffusion_method
+from core_jax.methods import neti as neti_method
 from core_jax.methods import svdiff as svdiff_method
 from core_jax.methods.lora import LoraAdapters, kohya_state_dict, peft_state_dict
 from core_jax.models.unet import UNet2DConditionModel
@@ -59,6 +64,7 @@ SVDIFF_NAME = "spectral_shifts.safetensors"  # svdiff-pytorch's file name for th
 CUSTOM_DIFFUSION_NAME = "pytorch_custom_diffusion_weights.safetensors"
 CUSTOM_DIFFUSION_BIN_NAME = "pytorch_custom_diffusion_weights.bin"
 XTI_NAME = "xti_embeds.safetensors"
+NETI_NAME = "neti_mapper.safetensors"
 A1111_KEY = "emb_params"
 
 
@@ -342,6 +348,77 @@ def file_stem(name: str) -> str:
     return stem or "concept"
 
 
+def save_neti_mapper(
+    path: str | os.PathLike, placeholder: str, layers: list[str], mapper: Any
+) -> Path:
+    """Write one run's NeTI mapper (`core_jax.methods.neti`: its layers and constants, without
+    the concept axis) as float32 tensors named by their path ("hidden_0.kernel",
+    "constants.frequencies", ...; kernels [in, out], flax's orientation, not torch's). The
+    metadata says how to rebuild it: the placeholder, the U-Net's cross-attention layers in the
+    mapper's layer order (diffusers module names, JSON), and the code's fixed numbers (JSON
+    "config": time anchors, hidden width, token width, bypass, its scale 0.2, the timestep range
+    of the anchors, LeakyReLU slope, LayerNorm eps). `path` is a `.safetensors` file or an
+    existing folder (then `neti_mapper.safetensors` inside it). Returns the file written."""
+    flat = {".".join(str(k.key) for k in key_path): np.asarray(leaf, np.float32)
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(dict(mapper))[0]}
+    num_layers = flat["constants.layers"].shape[0]
+    if num_layers != len(layers):
+        raise ValueError(f"the mapper has {num_layers} layers, the U-Net {len(layers)}")
+    config = {
+        "num_layers": num_layers,
+        "num_time_anchors": flat["input.kernel"].shape[1] // num_layers,
+        "num_frequencies": flat["constants.frequencies"].shape[0],
+        "hidden": flat["hidden_1.bias"].shape[0],
+        "width": flat["output.bias"].shape[0],
+        "bypass": "bypass.kernel" in flat,
+        "bypass_scale": neti_method.BYPASS_SCALE,
+        "timestep_range": neti_method.TIMESTEP_RANGE,
+        "leaky_slope": neti_method.LEAKY_SLOPE,
+        "layer_norm_eps": neti_method.LAYER_NORM_EPS,
+    }
+    metadata = {"placeholder": placeholder, "format": "pt", "method": "neti",
+                "layers": json.dumps([xti_layer_name(layer) for layer in layers]),
+                "config": json.dumps(config)}
+    out = _output_file(path, NETI_NAME)
+    atomic_write_bytes(out, lambda: safetensors.numpy.save(flat, metadata))
+    return out
+
+
+def load_neti_mapper(path: str | os.PathLike, layers: list[str]) -> tuple[str, dict[str, Any]]:
+    """(placeholder, the mapper as `core_jax.methods.neti` reads it) from `save_neti_mapper`'s
+    file (or a folder holding it); a file written for another U-Net's layers is an InputError.
+    `neti_vectors` makes the sampler's `TimestepVectors` of it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / NETI_NAME
+    if not path.is_file():
+        raise InputError(f"no NeTI mapper file at {path}")
+    try:
+        with safetensors.safe_open(str(path), "np") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        saved_layers = json.loads(metadata.get("layers", "[]"))
+    except Exception as err:  # the library raises several types for a damaged header
+        raise InputError(f"{path} is not a readable NeTI mapper file: {err}") from err
+    if saved_layers != [xti_layer_name(layer) for layer in layers]:
+        raise InputError(f"{path} was written for cross-attention layers {saved_layers[:2]}..., "
+                         "not this U-Net's")
+    mapper: dict[str, Any] = {}
+    for name, tensor in state.items():
+        *parents, leaf = name.split(".")
+        node = mapper
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = tensor
+    return metadata.get("placeholder", ""), mapper
+
+
+def neti_vectors(mapper: dict[str, Any]) -> TimestepVectors:
+    """What `core_jax.sample.generate` takes to draw with a NeTI mapper."""
+    return TimestepVectors(jax.tree.map(jnp.asarray, mapper), neti_method.timestep_vectors,
+                           neti_method.apply_bypass)
+
+
 def export_concept(
     folder: str | os.PathLike,
     *,
@@ -356,6 +433,7 @@ def export_concept(
     step: int | None = None,
     sdxl_width_1: int | None = None,
     xti: tuple[list[str], np.ndarray] | None = None,
+    neti: tuple[list[str], Any] | None = None,
 ) -> dict[str, Path]:
     """Everything a run hands to other tools, written the one way every run writes it:
     `learned_embeds.safetensors` (diffusers) and `a1111/<name>.safetensors` (A1111, ComfyUI)
@@ -365,7 +443,8 @@ def export_concept(
     `text_lora`), `spectral_shifts.safetensors` for SVDiff's
     shifts (whose merged U-Net is `unet`), `pytorch_custom_diffusion_weights.safetensors` (and
     `.bin`) for Custom Diffusion's K/V, `xti_embeds.safetensors` for XTI's (layer paths,
-    vectors [L, V, D]). SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
+    vectors [L, V, D]), `neti_mapper.safetensors` for NeTI's mapper (layer paths, mapper).
+    SDXL vectors [V, D1 + D2] (`sdxl_width_1` = D1): the
     A1111 file is the SDXL embedding (`clip_l`, `clip_g`; diffusers loads it tensor by tensor),
     and learned_embeds.safetensors keeps them whole for `core-jax sample`. Returns what was
     written, by kind."""
@@ -396,4 +475,6 @@ def export_concept(
         written.update(save_custom_diffusion(folder, custom_diffusion))
     if xti is not None:
         written["xti"] = save_xti_embeds(folder / XTI_NAME, placeholder, *xti)
+    if neti is not None:
+        written["neti"] = save_neti_mapper(folder / NETI_NAME, placeholder, *neti)
     return written

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import flax
 import jax
 import numpy as np
 from flax import linen as nn
@@ -47,6 +49,17 @@ def cross_attention_layers(unet: nn.Module) -> tuple[str, ...]:
     return tuple(paths)
 
 
+@flax.struct.dataclass
+class TimestepVectors:
+    """S*'s vectors as a function of the timestep (NeTI's mapper), for the sampler: `value` is
+    one run's group value (a pytree, a jit argument), `vectors` its group's
+    `ParamGroup.timestep_vectors` and `bypass` its `ParamGroup.bypass` (static)."""
+
+    value: Any
+    vectors: Any = flax.struct.field(pytree_node=False)
+    bypass: Any = flax.struct.field(pytree_node=False, default=None)
+
+
 def join_layers(contexts: jax.Array) -> jax.Array:
     """[L, B, T, D] per-layer contexts -> [B, L T, D], the U-Net's context argument within
     `per_layer_contexts`: layer k's tokens at positions k T .. (k + 1) T - 1."""
@@ -55,30 +68,46 @@ def join_layers(contexts: jax.Array) -> jax.Array:
 
 
 @contextlib.contextmanager
-def per_layer_contexts(layers: Sequence[str]) -> Iterator[None]:
+def per_layer_contexts(layers: Sequence[str], values_apart: bool = False) -> Iterator[None]:
     """U-Net calls traced inside the block give cross-attention layer `layers[k]` (a path such
     as "down_blocks_0/attentions_0/transformer_blocks_0") the k-th T tokens of their context
-    [B, L T, D] (`join_layers`), L = len(layers). Raises ValueError on leaving the block if a
-    U-Net call inside it had a cross-attention layer not in `layers`, or lacked one of them."""
+    [B, L T, D] (`join_layers`), L = len(layers). With `values_apart` the context carries 2 L
+    encodings [B, 2 L T, D]: layer k's keys read the k-th, its values (`to_v`) the (L + k)-th
+    (NeTI's textual bypass reaches the values only). Raises ValueError on leaving the block if
+    a U-Net call inside it had a cross-attention layer not in `layers`, or lacked one of them."""
     index = {(*path.split("/"), CROSS_ATTENTION): k for k, path in enumerate(layers)}
     seen: set[int] = set()
     unknown: list[str] = []
+    parts = 2 if values_apart else 1
+    values: dict[tuple[str, ...], jax.Array] = {}  # attn2 path -> its values' context, in call
 
     def own_context(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or module.name != CROSS_ATTENTION:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if values_apart and module.name == "to_v" and tuple(module.path[:-1]) in values:
+            return next_fun(values[tuple(module.path[:-1])], *args[1:], **kwargs)
+        if module.name != CROSS_ATTENTION:
             return next_fun(*args, **kwargs)
         k = index.get(tuple(module.path))
         if k is None:
             unknown.append("/".join(module.path))
             return next_fun(*args, **kwargs)
         seen.add(k)
-        x, joined = args  # attn2(hidden states [B, N, C], joined contexts [B, L T, D])
-        if joined.shape[1] % len(layers):
+        x, joined = args  # attn2(hidden states [B, N, C], joined contexts [B, parts L T, D])
+        if joined.shape[1] % (parts * len(layers)):
             raise ValueError(f"a context of {joined.shape[1]} tokens is no join of "
-                             f"{len(layers)} layers' contexts")
-        tokens = joined.shape[1] // len(layers)
-        return next_fun(x, joined[:, k * tokens:(k + 1) * tokens], **kwargs)
+                             f"{parts * len(layers)} contexts")
+        tokens = joined.shape[1] // (parts * len(layers))
+        if not values_apart:
+            return next_fun(x, joined[:, k * tokens:(k + 1) * tokens], **kwargs)
+        path = tuple(module.path)
+        start = (len(layers) + k) * tokens
+        values[path] = joined[:, start:start + tokens]
+        try:
+            return next_fun(x, joined[:, k * tokens:(k + 1) * tokens], **kwargs)
+        finally:
+            del values[path]
 
     with nn.intercept_methods(own_context):
         yield

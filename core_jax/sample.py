@@ -38,7 +38,12 @@ from core_jax.diffusion import (
     sample,
 )
 from core_jax.errors import InputError
-from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
+from core_jax.layer_contexts import (
+    TimestepVectors,
+    cross_attention_layers,
+    join_layers,
+    per_layer_contexts,
+)
 from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from core_jax.models.pixel import PixelSpace
 from core_jax.models.presets import random_models
@@ -47,6 +52,7 @@ from core_jax.models.vae import AutoencoderKL
 from core_jax.text import (
     add_placeholder_tokens,
     encode_per_layer,
+    encode_per_layer_with_bypass,
     encode_sdxl_with_learned,
     encode_with_learned,
     load_tokenizer,
@@ -159,9 +165,18 @@ def _sample(
     Returns ``[N * images_per_prompt, H, W, 3]`` uint8 images if ``decode``, else the final
     U-Net-scale latents ``[N * images_per_prompt, h, w, C]`` float32; prompt-major order.
     ``learned`` [L, V, D] holds vectors per cross-attention layer (XTI): each prompt is encoded
-    once per layer and layer k reads encoding k (`core_jax.layer_contexts`).
+    once per layer and layer k reads encoding k (`core_jax.layer_contexts`). A
+    `TimestepVectors` (NeTI's mapper) is evaluated at each step's timestep: every prompt
+    encoded per layer at each step (and with the bypass, the values read their own encoding).
     """
     added = {}
+    if isinstance(learned, TimestepVectors):
+        if text_encoder_2 is not None:
+            raise ValueError("vectors of the timestep need one text encoder (SD 1.x/2.x)")
+        return _sample_timed(text_encoder, unet, vae, params, schedule, ids, mask, slot, learned,
+                             key, guidance_scale, num_inference_steps=num_inference_steps,
+                             sampler=sampler, eta=eta, images_per_prompt=images_per_prompt,
+                             latent_hw=latent_hw, decode=decode)
     per_layer = learned.ndim == 3
     if per_layer:
         if text_encoder_2 is not None:
@@ -196,6 +211,18 @@ def _sample(
             return unet.apply({"params": params["unet"]}, x, t, join_layers(both))
 
     shape = (cond.shape[-3], *latent_hw, unet.config.in_channels)
+    return _draw(unet, vae, params, schedule, model_fn, shape, key, guidance_scale,
+                 num_inference_steps, sampler, eta, decode)
+
+
+def _draw(
+    unet: UNet2DConditionModel, vae: AutoencoderKL | PixelSpace, params: Params,
+    schedule: NoiseSchedule, model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    shape: tuple[int, ...], key: jax.Array, guidance_scale: jax.Array,
+    num_inference_steps: int, sampler: str, eta: float, decode: bool,
+) -> jax.Array:
+    """The guided chain from noise of `shape` (the conditional rows) and, with `decode`, the
+    images as uint8."""
     if key.ndim:  # one key per image (images_per_prompt 1, eta 0): noise as `generate` draws
         # it for that image alone, so an image does not depend on the batch it was drawn in.
         x_T = jax.vmap(lambda k: jax.random.normal(
@@ -214,6 +241,42 @@ def _sample(
     )
     # Same mapping as core_jax.data.to_uint8, done on device so only bytes come back.
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def _sample_timed(
+    text_encoder: CLIPTextModel, unet: UNet2DConditionModel, vae: AutoencoderKL | PixelSpace,
+    params: Params, schedule: NoiseSchedule, ids: jax.Array, mask: jax.Array, slot: jax.Array,
+    learned: TimestepVectors, key: jax.Array, guidance_scale: jax.Array, *,
+    num_inference_steps: int, sampler: str, eta: float, images_per_prompt: int,
+    latent_hw: tuple[int, int], decode: bool,
+) -> jax.Array:
+    """`_sample` with vectors of the timestep: at each step the mapper gives S*'s vectors
+    [L, V, D] (and bypass vectors) for that step's timestep and the prompts are encoded per
+    layer; no nested dropout."""
+    layers = cross_attention_layers(unet)
+
+    def contexts(t: jax.Array) -> jax.Array:  # -> [2 N k, K, T, D], unconditional half first
+        vectors, bypass = learned.vectors(learned.value, t[:1], None)  # [1, L, V, D] each
+        rows = ids.shape[0]
+        spread = lambda a: None if a is None else jnp.broadcast_to(  # noqa: E731
+            a, (rows,) + a.shape[1:])
+        hidden, bypassed = encode_per_layer_with_bypass(
+            text_encoder, params["text"], ids, spread(vectors), (mask, slot), spread(bypass),
+            learned.bypass)
+        if bypassed is not None:
+            hidden = jnp.concatenate([hidden, bypassed], axis=1)  # keys' L, then values' L
+        cond = jnp.repeat(hidden[1:], images_per_prompt, axis=0)
+        return jnp.concatenate([jnp.broadcast_to(hidden[:1], cond.shape), cond])
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # every row at the same step
+        both = contexts(t)
+        with per_layer_contexts(layers, values_apart=both.shape[1] != len(layers)):
+            return unet.apply({"params": params["unet"]}, x, t,
+                              join_layers(jnp.swapaxes(both, 0, 1)))
+
+    shape = ((ids.shape[0] - 1) * images_per_prompt, *latent_hw, unet.config.in_channels)
+    return _draw(unet, vae, params, schedule, model_fn, shape, key, guidance_scale,
+                 num_inference_steps, sampler, eta, decode)
 
 
 def _expand_placeholder(pipeline: Pipeline, prompt: str) -> str:
@@ -249,6 +312,8 @@ def _prompt_arrays(
         return ids, mask, slot, np.zeros((max(num_vectors, 1), dim), np.float32)
     if not num_vectors:
         raise ValueError("learned vectors given, but the pipeline has no placeholder tokens")
+    if isinstance(learned, TimestepVectors):  # NeTI's mapper: checked by its own shapes
+        return ids, mask, slot, learned
     learned = np.asarray(learned, np.float32)
     # Per-layer vectors (XTI): one [V, D] set per cross-attention layer.
     num_layers = len(cross_attention_layers(pipeline.unet)) if learned.ndim == 3 else "L"

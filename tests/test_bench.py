@@ -228,7 +228,8 @@ def test_method_variants_train_only_their_groups_and_say_how_much():
     setup = bench.build_setup("tiny", 2)
     sizes = {}
     for variant, group, lr in (("unet", "unet", 2e-6), ("lora", "lora", 1e-4),
-                               ("svdiff", "svdiff", 1e-3), ("xti", "xti", 5e-3)):
+                               ("svdiff", "svdiff", 1e-3), ("xti", "xti", 5e-3),
+                               ("neti", "neti", 8e-3)):
         staged = bench.variant_setup(setup, variant)
         assert set(staged.program.trains) == {group} and group in staged.state.params, variant
         assert tuple(t.name for t in staged.program.terms) == ("diffusion",)

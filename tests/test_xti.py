@@ -277,10 +277,11 @@ def test_core_jax_train_with_xti_tiny_exports_per_layer_vectors(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_of_xti_and_core_runs_compiles_one_program_per_group(tmp_path):
-    """One concept x two settings (XTI alone, CoRe) x two learning rates: two groups by method
-    set, each one pack of 2 runs and one compiled program."""
+def test_a_sweep_of_xti_neti_and_core_runs_compiles_one_program_per_group(tmp_path):
+    """One concept x three settings (XTI alone, NeTI alone, CoRe) x two learning rates: three
+    groups by method set, each one pack of 2 runs and one compiled program."""
     from core_jax.config import base_config
+    from core_jax.methods import neti
     from core_jax.train.sweep import sweep
 
     c = base_config()
@@ -291,6 +292,7 @@ def test_a_sweep_of_xti_and_core_runs_compiles_one_program_per_group(tmp_path):
     c.stage2.steps = 0
     c.sample.at_end = False
     c.log_every = c.checkpoint_every = 2
+    c.stage1.update(neti.DEFAULTS)  # the NeTI runs' keys (the others ignore them)
     c.sweep = ml_collections.ConfigDict()
     c.sweep.concepts = (
         dict(name="chelsea", images="builtin:chelsea", super_category="cat", templates="animate"),
@@ -299,18 +301,24 @@ def test_a_sweep_of_xti_and_core_runs_compiles_one_program_per_group(tmp_path):
         dict(name="xti", overrides={"stage1.methods": ("xti",), "stage1.lambda_emb": 0.0,
                                     "stage1.lambda_attn": 0.0, "stage1.lambda_pairwise": 0.0,
                                     "stage1.lambda_hinge": 0.0, "stage1.rescale_end": 0}),
+        dict(name="neti", overrides={"stage1.methods": ("neti",), "stage1.lambda_emb": 0.0,
+                                     "stage1.lambda_attn": 0.0, "stage1.lambda_pairwise": 0.0,
+                                     "stage1.lambda_hinge": 0.0, "stage1.rescale_end": 0}),
         dict(name="core", overrides={}),
     )
     c.sweep.grid = (("stage1.learning_rate", (5e-3, 1e-2)),)
     c.sweep.pack = 2
     c.sweep.concept_shards = 0
     summary = sweep(c, tmp_path)
-    assert summary["runs"] == 4 and len(summary["groups"]) == 2
-    assert [g["compilations"] for g in summary["groups"]] == [[1], [1]]
+    assert summary["runs"] == 6 and len(summary["groups"]) == 3
+    assert [g["compilations"] for g in summary["groups"]] == [[1], [1], [1]]
     assert all(r["status"] == "done" for r in summary["results"])
     runs = {p.name: p for p in (tmp_path / "runs").iterdir()}
     xti_runs = [p for name, p in runs.items() if "xti" in name]
+    neti_runs = [p for name, p in runs.items() if "neti" in name]
     core_runs = [p for name, p in runs.items() if "core" in name]
-    assert len(xti_runs) == len(core_runs) == 2
+    assert len(xti_runs) == len(neti_runs) == len(core_runs) == 2
     assert all((p / export.XTI_NAME).is_file() for p in xti_runs)
-    assert not any((p / export.XTI_NAME).exists() for p in core_runs)
+    assert all((p / export.NETI_NAME).is_file() for p in neti_runs)
+    assert not any((p / export.XTI_NAME).exists() for p in core_runs + neti_runs)
+    assert not any((p / export.NETI_NAME).exists() for p in core_runs + xti_runs)

@@ -7,10 +7,10 @@ Variants (stage 1 unless said otherwise): `ti` (diffusion loss only), `emb` (+ L
 matrix), `dreambooth` (the U-Net copy with the prior term), `custom_diffusion` (attn2's K/V
 and S*, masked loss), `class_diffusion` (that plus ClassDiffusion's semantic loss),
 `textboost` (S* and text-encoder LoRA with knowledge preservation), `xti` (S*'s vectors per
-cross-attention layer: 16 text passes), `palp` (S* and rank-32 U-Net LoRA with PALP's
-score-sampling term: four forward-only U-Net passes on x^_t besides the caption pass),
-`attn_dreambooth` (AttnDreamBooth's stage 2: every attn2
-projection, the attention mean/var regularizer on the caption pass), `tto` (CoRe's test-time
+cross-attention layer: 16 text passes), `neti` (NeTI's mapper: 16 text passes per row),
+`palp` (S* and rank-32 U-Net LoRA with PALP's score-sampling term: four forward-only U-Net
+passes on x^_t besides the caption pass), `attn_dreambooth` (AttnDreamBooth's stage 2: every
+attn2 projection, the attention mean/var regularizer on the caption pass), `tto` (CoRe's test-time
 optimization: L_emb and L_attn, no diffusion loss); and `sample` (a 50-step DDIM chain with
 classifier-free guidance).
 
@@ -81,6 +81,10 @@ METHOD_STAGES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # PALP: S* and the U-Net's attention LoRA (rank 32) at the paper's lr 5e-5 (appendix C),
     # the score-sampling term at guidance 15 / 7.5 (core_jax.methods.palp's defaults).
     "palp": (("textual_inversion", "palp"), dict(learning_rate=5e-5)),
+    # NeTI: the mapper of (timestep, layer), each row's caption encoded per layer with the
+    # vectors of its timestep (b x 16 text passes) and the bypass on the values (lr: the code's
+    # 1e-3 x 8 images, core_jax.methods.neti).
+    "neti": (("neti",), dict(learning_rate=8e-3)),
     # AttnDreamBooth's stage 2 (its code's lr and weights): to_q/k/v/out of attn2, the mean/var
     # regularizer read off the caption pass. The bench caption has no class word, so the token
     # after S* is the end of text: the same work as the real target.

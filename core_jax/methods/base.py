@@ -107,6 +107,17 @@ class ParamGroup:
     # layer and the U-Net's layer k reads encoding k (`core_jax.layer_contexts`): the run's
     # "embeds" then fill no prompt. None: the group supplies no per-layer vectors.
     layer_vectors: Callable[[Any], Any] | None = None
+    # (one run's value, each row's timestep [b], raw row keys [b, 2] for the group's training
+    # randomness or None (sampling)) -> (S*'s vectors per row and cross-attention layer
+    # [b, L, V, D], bypass vectors [b, L, V, D] or None) (NeTI's mapper). With it the caption
+    # pass encodes per row and per layer and row r's layer k reads encoding (r, k); with bypass
+    # vectors, layer k's values read a second encoding whose S* states before the final layer
+    # norm went through `bypass` (the keys read the first). None: no timestep-dependent vectors.
+    timestep_vectors: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    # (S*'s encoder states before the final layer norm [..., D], bypass vectors [..., D]) ->
+    # the states the values' encoding takes there. Required where `timestep_vectors` gives
+    # bypass vectors.
+    bypass: Callable[[Any, Any], Any] | None = None
 
 
 def _none(settings: Settings) -> tuple:

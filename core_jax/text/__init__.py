@@ -3,6 +3,7 @@
 from core_jax.text.context import RegularizationPrompts, regularization_prompts
 from core_jax.text.inject import (
     encode_per_layer,
+    encode_per_layer_with_bypass,
     encode_sdxl_with_learned,
     encode_with_learned,
     placeholder_slots,
@@ -38,6 +39,7 @@ __all__ = [
     "clip_tokenizer_dir",
     "encode_sdxl_with_learned",
     "encode_per_layer",
+    "encode_per_layer_with_bypass",
     "encode_with_learned",
     "fill_prompt",
     "fill_template",

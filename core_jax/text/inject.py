@@ -8,7 +8,7 @@ of a table row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -73,6 +73,42 @@ def encode_per_layer(
     hidden = encode_with_learned(text_encoder, text_params, tile(ids), per_layer,
                                  (tile(mask), tile(slot)))
     return hidden.reshape((num_layers, num_rows) + hidden.shape[1:])
+
+
+def encode_per_layer_with_bypass(
+    text_encoder: nn.Module,
+    text_params: Any,
+    ids: jax.Array,
+    learned: jax.Array,
+    slots: tuple[jax.Array, jax.Array],
+    bypass: jax.Array | None = None,
+    shift: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`encode_per_layer` for a concept per row, [R, L, T, D] from ids [R, T] and `learned`
+    [R, L, V, D], and, with `bypass` [R, L, V, D], a second encoding from the same encoder
+    call: at the placeholder positions the states before the final layer norm become
+    `shift(states, bypass vector)` (NeTI's textual bypass), then the final layer norm.
+    Returns (encodings, bypassed encodings or None)."""
+    num_rows, num_layers = learned.shape[:2]
+    flat = lambda a: a.reshape((num_rows * num_layers,) + a.shape[2:])  # noqa: E731
+    mask, slot = slots
+    per_row = lambda a: flat(jnp.broadcast_to(  # noqa: E731
+        a[:, None], (num_rows, num_layers) + a.shape[1:]))  # [R, T] -> [R L, T], row-major
+    ids, mask, slot = per_row(ids), per_row(mask), per_row(slot)
+    vectors = jnp.take_along_axis(flat(learned), slot[..., None], axis=1)  # [R L, T, D]
+    out = text_encoder.apply({"params": text_params}, ids, inject_embeds=vectors,
+                             inject_mask=mask, output_hidden_states=bypass is not None)
+    unflat = lambda a: a.reshape((num_rows, num_layers) + a.shape[1:])  # noqa: E731
+    if bypass is None:
+        return unflat(out.last_hidden_state), None
+    states = out.hidden_states[-1]  # the encoder's output, before the final layer norm
+    shifted = jnp.take_along_axis(flat(bypass), slot[..., None], axis=1)
+    states = jnp.where(mask[..., None], shift(states, shifted), states)
+    final_norm = nn.LayerNorm(epsilon=text_encoder.config.layer_norm_eps,
+                              dtype=text_encoder.dtype)
+    bypassed = final_norm.apply({"params": text_params["text_model"]["final_layer_norm"]},
+                                states)
+    return unflat(out.last_hidden_state), unflat(bypassed)
 
 
 def second_encoder_ids(ids: jax.Array, eos_token_id: int, pad_id_2: int) -> jax.Array:

@@ -44,6 +44,7 @@ from core_jax.train.class_pool import ClassPools, pool_spec
 from core_jax.train.concepts import ConceptSpec, LatentPool, knowledge_prompts
 from core_jax.train.parallel import CONCEPT_AXIS, fit_mesh
 from core_jax.train.passes import (
+    TimestepVectors,
     cross_attention_layers,
     merged_text,
     merged_unet,
@@ -457,8 +458,10 @@ def _export_runs(
         unet_folder = (unet, params["unet"]) if "unet" in params else None
         if unet_folder is None and ("svdiff" in params or "cross_attention" in params):
             unet_folder = (unet, jax.device_get(merged_unet(params, base_unet)))
-        vectors = run_vectors(params)  # [L, V, D] per cross-attention layer (XTI)
-        per_layer = (list(cross_attention_layers(unet)), vectors) if vectors.ndim == 3 else None
+        vectors = run_vectors(params)  # [L, V, D] per cross-attention layer (XTI), or a mapper
+        layers = list(cross_attention_layers(unet))
+        timed = isinstance(vectors, TimestepVectors)  # NeTI: a mapper of the timestep
+        per_layer = (layers, vectors) if not timed and vectors.ndim == 3 else None
         export.export_concept(
             run.folder, name=c_config.name, placeholder=c_config.placeholder,
             vectors=params["embeds"],
@@ -470,6 +473,7 @@ def _export_runs(
             step=step,
             sdxl_width_1=sdxl_width_1,
             xti=per_layer,
+            neti=(layers, vectors.value) if timed else None,
         )
 
 

@@ -25,6 +25,7 @@ from core_jax.text import add_placeholder_tokens
 from core_jax.train import setup as run_setup
 from core_jax.train.checkpoints import checkpoint_items, newest_intact
 from core_jax.train.passes import (
+    TimestepVectors,
     cross_attention_layers,
     merged_text,
     merged_unet,
@@ -99,7 +100,11 @@ def sample_run(
     config = load_run_config(workdir)
     models = run_setup.load_models(config)
     embeds_path = workdir / "learned_embeds.safetensors"
-    if (workdir / export.XTI_NAME).is_file():  # vectors per cross-attention layer
+    if (workdir / export.NETI_NAME).is_file():  # a mapper of the timestep (NeTI)
+        _, mapper = export.load_neti_mapper(workdir / export.NETI_NAME,
+                                            list(cross_attention_layers(models.unet)))
+        learned = export.neti_vectors(mapper)
+    elif (workdir / export.XTI_NAME).is_file():  # vectors per cross-attention layer
         _, learned = export.load_xti_embeds(workdir / export.XTI_NAME,
                                             list(cross_attention_layers(models.unet)))
     elif embeds_path.is_file():
@@ -107,6 +112,9 @@ def sample_run(
     else:  # a run still in stage 1 (or stopped): its newest checkpoint
         _, items = latest_checkpoint(workdir)
         learned = run_vectors(checkpoint_params(items))
+    if tto_steps and isinstance(learned, TimestepVectors):
+        raise InputError("test-time optimization adapts one vector per token; this run's "
+                         "vectors come from a mapper of the timestep (NeTI)")
     if tto_steps and np.ndim(learned) == 3:
         raise InputError("test-time optimization adapts one vector per token; this run's "
                          "vectors are per cross-attention layer (XTI)")
@@ -209,8 +217,11 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
     elif "svdiff" in params or "cross_attention" in params:
         models = run_setup.load_models(config)
         unet = (models.unet, jax.device_get(merged_unet(params, models.params["unet"])))
-    vectors, per_layer = run_vectors(params), None
-    if np.ndim(vectors) == 3:  # XTI: per cross-attention layer
+    vectors, per_layer, mapper = run_vectors(params), None, None
+    if isinstance(vectors, TimestepVectors):  # NeTI: the mapper
+        module = run_setup.load_models(config).unet
+        mapper = (list(cross_attention_layers(module)), vectors.value)
+    elif np.ndim(vectors) == 3:  # XTI: per cross-attention layer
         module = run_setup.load_models(config).unet
         per_layer = (list(cross_attention_layers(module)), vectors)
     written = export.export_concept(
@@ -218,6 +229,6 @@ def export_run(workdir: Path, out: Path | None = None) -> list[Path]:
         vectors=params["embeds"], unet=unet, lora=params.get("lora"),
         svdiff=params.get("svdiff"), custom_diffusion=params.get("custom_diffusion"),
         text_lora=params.get("text_lora"), step=step,
-        sdxl_width_1=run_setup.sdxl_width_1(config), xti=per_layer,
+        sdxl_width_1=run_setup.sdxl_width_1(config), xti=per_layer, neti=mapper,
     )
     return list(written.values())

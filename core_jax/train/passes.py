@@ -31,6 +31,9 @@ batch rows [b_l].
 With per-layer vectors (a group with `ParamGroup.layer_vectors`: XTI), caption_hidden and
 obj_hidden are [C, L, T, D], one encoding per cross-attention layer, and the U-Net passes give
 layer k encoding k (`core_jax.layer_contexts`); terms that read them whole refuse such runs.
+With vectors that depend on each row's timestep (`ParamGroup.timestep_vectors`: NeTI),
+caption_hidden is [C, b, L, T, D], one encoding per row and layer, or [C, b, 2 L, T, D] with
+the values' (bypassed) encodings after the keys'; obj_hidden is not built for such runs.
 
 The y_cat encodings are constants of the concept data; the y_cat U-Net pass is forward only.
 PALP's x^_t is x^_0 noised again with the row's own noise and timestep, under stop_gradient; its
@@ -59,11 +62,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from core_jax.diffusion import NoiseSchedule, add_noise, denoised, snr, training_target
-from core_jax.layer_contexts import cross_attention_layers, join_layers, per_layer_contexts
+from core_jax.layer_contexts import (
+    TimestepVectors,
+    cross_attention_layers,
+    join_layers,
+    per_layer_contexts,
+)
 from core_jax.methods import UNetCall, group_of
 from core_jax.models.unet import cross_attention_stats
 from core_jax.text import (
     encode_per_layer,
+    encode_per_layer_with_bypass,
     encode_sdxl_with_learned,
     encode_with_learned,
     placeholder_slots,
@@ -125,11 +134,15 @@ class Batch:
     mask: jax.Array | None = None  # [B, h, w, 1] bool: the row's view's object region, if any
     time_ids: jax.Array | None = None  # [B, 6] SDXL: the row's view's add-time ids
     kp_index: jax.Array | None = None  # [B] int: the row's prior prompt (TextBoost)
+    # [B, 2] raw keys: each row's own stream for a parameter group's randomness (NeTI's nested
+    # dropout), from its concept's key, the step and its global row index.
+    row_keys: jax.Array | None = None
 
 
 # Folded into a concept's row key for its class rows: they draw nothing its photo rows draw.
 _PRIOR_SALT = 0x5052494F  # "PRIO"
 _KNOWLEDGE_SALT = 0x4B4E4F57  # "KNOW": a row's prior prompt
+_GROUP_SALT = 0x47525550  # "GRUP": a row's stream for parameter groups
 
 
 def _row_noise(
@@ -178,9 +191,11 @@ def draw_batch(
         kp_index = flat(jax.vmap(lambda k, w: jax.vmap(lambda r: jax.random.choice(
             jax.random.fold_in(jax.random.fold_in(k, _KNOWLEDGE_SALT), r), w.shape[0], p=w)
         )(rows))(row_keys, data.kp_weights))
+    group_keys = flat(jax.vmap(lambda k: jax.vmap(lambda r: jax.random.key_data(
+        jax.random.fold_in(jax.random.fold_in(k, _GROUP_SALT), r)))(rows))(row_keys))
     if data.class_mean is None:
         return Batch(flat(x0), flat(noise), flat(timesteps), template, mask=mask,
-                     time_ids=time_ids, kp_index=kp_index)
+                     time_ids=time_ids, kp_index=kp_index, row_keys=group_keys)
     class_size = data.class_mean.shape[1]
     view, latent_eps, prior_t, prior_noise = jax.vmap(
         lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
@@ -189,7 +204,7 @@ def draw_batch(
     prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
                 + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
     return Batch(flat(x0), flat(noise), flat(timesteps), template, flat(prior_x0),
-                 flat(prior_noise), flat(prior_t), mask, time_ids, kp_index)
+                 flat(prior_noise), flat(prior_t), mask, time_ids, kp_index, group_keys)
 
 
 # The caption pass's attention statistics: computation name -> the kind the U-Net sows.
@@ -275,7 +290,12 @@ def layer_vectors(params: dict[str, Any]) -> jax.Array | None:
 
 def run_vectors(params: dict[str, Any]) -> Any:
     """The vectors one run (its params without the concept axis) samples with: per layer
-    [L, V, D] when a group supplies them, else its "embeds" [V, D]."""
+    [L, V, D] when a group supplies them, a `TimestepVectors` when a group makes them from the
+    timestep (NeTI), else its "embeds" [V, D]."""
+    timed = _timestep_group(params)
+    if timed is not None:
+        group = group_of(timed)
+        return TimestepVectors(params[timed], group.timestep_vectors, group.bypass)
     name = _layer_group(params)
     return params["embeds"] if name is None else group_of(name).layer_vectors(params[name])
 
@@ -371,13 +391,16 @@ class Passes:
         whatever groups the runs have (PALP's teacher)."""
         unet, b = self.models.unet, self.batch
         n, rows, concepts = len(contexts), self.rows, self.num_concepts
-        num_layers = max((c.shape[1] for c in contexts if c.ndim == 4), default=0)
-        if num_layers:  # per-layer contexts [C_l, L, T, D]: the others the same at every layer
-            contexts = [c if c.ndim == 4 else jnp.broadcast_to(
+        # Per-layer contexts [C_l, L, T, D], or per row [C_l, b_l, K, T, D] (K = L, or 2 L with
+        # the values' own after the keys'): the others the same at every layer and row.
+        num_layers = max((c.shape[-3] for c in contexts if c.ndim >= 4), default=0)
+        if num_layers:
+            contexts = [c if c.ndim >= 4 else jnp.broadcast_to(
                 c[:, None], (c.shape[0], num_layers) + c.shape[1:]) for c in contexts]
         own = (self.per_concept(self.x_t), self.per_concept(b.timesteps))
         xs, ts = zip(*[own if i is None else i for i in (inputs or [None] * n)], strict=True)
-        per_row = [jnp.broadcast_to(c[:, None], (concepts, rows) + c.shape[1:]) for c in contexts]
+        per_row = [c if c.ndim == 5 else jnp.broadcast_to(c[:, None], (concepts, rows)
+                                                          + c.shape[1:]) for c in contexts]
         if pooled is not None:  # SDXL: the pooled embedding and add-time ids ride with the context
             if inputs is not None and any(i is not None for i in inputs):
                 raise ValueError("SDXL's U-Net passes read the add-time ids of this step's "
@@ -390,8 +413,9 @@ class Passes:
         def apply(params: Any, x: jax.Array, t: jax.Array, ctx: Any):
             ctx, added = (ctx, {}) if pooled is None else (
                 ctx[0], {"text_embeds": ctx[1], "time_ids": ctx[2]})
-            if num_layers:  # ctx [rows, L, T, D]: layer k reads its own T tokens
-                with per_layer_contexts(self.models.attention_layers()):
+            if num_layers:  # ctx [rows, K, T, D]: layer k reads its own T tokens
+                layers = self.models.attention_layers()
+                with per_layer_contexts(layers, values_apart=num_layers != len(layers)):
                     out = unet.apply({"params": params}, x, t,
                                      join_layers(jnp.swapaxes(ctx, 0, 1)), mutable=mutable)
             else:
@@ -479,8 +503,41 @@ def _caption_ids(p: Passes) -> jax.Array:
     return jnp.broadcast_to(caption, (p.num_concepts, len(p.models.caption_ids)))
 
 
+def _timestep_group(params: dict[str, Any]) -> str | None:
+    """The run's group whose vectors depend on each row's timestep, if any."""
+    return next((name for name in sorted(params) if group_of(name).timestep_vectors), None)
+
+
+def _text_per_row(p: Passes, name: str) -> None:
+    """The caption with each row's vectors at each layer (`ParamGroup.timestep_vectors`), one
+    encoder call: caption_hidden [C, b, L, T, D], or [C, b, 2 L, T, D] with bypass vectors."""
+    if "obj_hidden" in p.needs:
+        raise ValueError("y* with vectors of each row's timestep (NeTI) is not built")
+    if text_groups(p.params) or p.models.text_encoder_2 is not None:
+        raise ValueError("vectors of each row's timestep need the one frozen text encoder")
+    group = group_of(name)
+    keys = None if p.batch.row_keys is None else p.per_concept(p.batch.row_keys)
+    vectors, bypass = jax.vmap(group.timestep_vectors)(
+        p.params[name], p.per_concept(p.batch.timesteps), keys)  # [C, b, L, V, D] each
+    concepts, rows = vectors.shape[:2]
+    flat = lambda a: a.reshape((concepts * rows,) + a.shape[2:])  # noqa: E731
+    caption = _caption_ids(p)  # [C, T]
+    ids = flat(jnp.broadcast_to(caption[:, None], (concepts, rows) + caption.shape[1:]))
+    slots = placeholder_slots(ids, p.models.placeholder_ids)
+    hidden, bypassed = encode_per_layer_with_bypass(
+        p.models.text_encoder, p.frozen["text"], ids, flat(vectors), slots,
+        None if bypass is None else flat(bypass), group.bypass)
+    if bypassed is not None:
+        hidden = jnp.concatenate([hidden, bypassed], axis=1)  # [C b, 2 L, T, D]
+    p._values["caption_hidden"] = hidden.reshape((concepts, rows) + hidden.shape[1:])
+
+
 def _text(p: Passes) -> None:
     """The caption and y* with the learned vectors, in one encoder call when both are needed."""
+    timed = _timestep_group(p.params)
+    if timed is not None:
+        _text_per_row(p, timed)
+        return
     m = p.models
     blocks = []
     if "caption_hidden" in p.needs:
