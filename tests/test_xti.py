@@ -279,7 +279,9 @@ def test_core_jax_train_with_xti_tiny_exports_per_layer_vectors(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_of_xti_neti_and_core_runs_compiles_one_program_per_group(tmp_path):
     """One concept x three settings (XTI alone, NeTI alone, CoRe) x two learning rates: three
-    groups by method set, each one pack of 2 runs and one compiled program."""
+    groups by method set, each one pack of 2 runs and one compiled program, on the test
+    session's 8 devices; an XTI run and a NeTI run trained alone on one device (`core-jax
+    train` of the run's config.json) equal the sweep's."""
     from core_jax.config import base_config
     from core_jax.methods import neti
     from core_jax.train.sweep import sweep
@@ -322,3 +324,16 @@ def test_a_sweep_of_xti_neti_and_core_runs_compiles_one_program_per_group(tmp_pa
     assert all((p / export.NETI_NAME).is_file() for p in neti_runs)
     assert not any((p / export.XTI_NAME).exists() for p in core_runs + neti_runs)
     assert not any((p / export.NETI_NAME).exists() for p in core_runs + xti_runs)
+    assert jax.device_count() == 8 and summary["mesh"]["data"] > 1
+    # The sweep split rows over devices: fp32 summation order differs from one device's.
+    one_device = {**os.environ, "XLA_FLAGS": ""}
+    for run, name in ((xti_runs[0], export.XTI_NAME), (neti_runs[0], export.NETI_NAME)):
+        alone = tmp_path / "alone" / run.name
+        cmd = [sys.executable, "-m", "core_jax", "train", "--config",
+               f"{ROOT / 'configs/from_json.py'}:{run / 'config.json'}", "--workdir", str(alone)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=one_device, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        swept, trained = load_file(run / name), load_file(alone / name)
+        assert swept.keys() == trained.keys()
+        for key, value in swept.items():
+            np.testing.assert_allclose(trained[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
