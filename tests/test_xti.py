@@ -7,6 +7,7 @@ sweep of XTI and CoRe runs (one program per group) end to end.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -335,5 +336,14 @@ def test_a_sweep_of_xti_neti_and_core_runs_compiles_one_program_per_group(tmp_pa
         assert result.returncode == 0, result.stderr[-3000:]
         swept, trained = load_file(run / name), load_file(alone / name)
         assert swept.keys() == trained.keys()
+        # As tests/test_sweep.py argues: Adam moves a weight by about lr a step whatever its
+        # gradient's size, so where a gradient nearly cancels the summation order shows at the
+        # scale of lr (measured: 4 of NeTI's 4096 bypass weights 7e-6 apart, lr 5e-3). Every
+        # weight within one step, almost all equal to 1e-5; a mix-up moves most by steps.
+        lr = json.loads((run / "config.json").read_text())["stage1"]["learning_rate"]
+        close = total = 0
         for key, value in swept.items():
-            np.testing.assert_allclose(trained[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(trained[key], value, rtol=0, atol=lr, err_msg=key)
+            close += int(np.isclose(trained[key], value, rtol=1e-5, atol=1e-6).sum())
+            total += value.size
+        assert close >= 0.999 * total, f"{run.name}: {total - close} of {total} differ"
