@@ -136,7 +136,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(finished_sweep, tmp_
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_sweep_and_a_rerun_finishes_it(finished_sweep, tmp_path):
     """Also the compilation cache across a restart: with the finished sweep's cache, the
-    resumed process reads every program it needs and compiles none."""
+    resumed process reads back what the first compiled and compiles only its restore path's
+    programs."""
     cache = finished_sweep.parent / "sweep_cache"
     process = subprocess.Popen(sweep_cmd(tmp_path, cache), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=OWN_CACHE)
@@ -157,7 +158,10 @@ def test_sigterm_checkpoints_the_sweep_and_a_rerun_finishes_it(finished_sweep, t
     first, resumed = compile_summary(finished_sweep), compile_summary(tmp_path)
     print("first:", first, "resumed:", resumed)
     assert first["cache_misses"] > 0 and first["cache_dir"] == resumed["cache_dir"] == str(cache)
-    assert resumed["cache_hits"] > 0 and resumed["cache_misses"] == 0
+    # Every program the first process compiled is read back; the few misses are the resume
+    # path's own small programs (placing a restored state), which an uninterrupted sweep never
+    # runs. Measured here: 250 hits and 4 misses against 211 first misses; 25 s against 332 s.
+    assert resumed["cache_hits"] >= first["cache_misses"] and resumed["cache_misses"] <= 10
     assert resumed["compile_s"] < 0.5 * first["compile_s"]
     # Same mesh, same programs, the same state restored: bitwise the uninterrupted sweep.
     for folder in (finished_sweep / "runs").iterdir():
