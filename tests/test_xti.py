@@ -20,6 +20,7 @@ import numpy as np
 import packing
 import pytest
 from flax import linen as nn
+from numerics import assert_within_one_adam_step
 from safetensors.numpy import load_file
 
 from core_jax import export
@@ -334,16 +335,6 @@ def test_a_sweep_of_xti_neti_and_core_runs_compiles_one_program_per_group(tmp_pa
                f"{ROOT / 'configs/from_json.py'}:{run / 'config.json'}", "--workdir", str(alone)]
         result = subprocess.run(cmd, capture_output=True, text=True, env=one_device, timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
-        swept, trained = load_file(run / name), load_file(alone / name)
-        assert swept.keys() == trained.keys()
-        # As tests/test_sweep.py argues: Adam moves a weight by about lr a step whatever its
-        # gradient's size, so where a gradient nearly cancels the summation order shows at the
-        # scale of lr (measured: 4 of NeTI's 4096 bypass weights 7e-6 apart, lr 5e-3). Every
-        # weight within one step, almost all equal to 1e-5; a mix-up moves most by steps.
+        # Measured once: 4 of NeTI's 4096 bypass weights 7e-6 apart (lr 5e-3).
         lr = json.loads((run / "config.json").read_text())["stage1"]["learning_rate"]
-        close = total = 0
-        for key, value in swept.items():
-            np.testing.assert_allclose(trained[key], value, rtol=0, atol=lr, err_msg=key)
-            close += int(np.isclose(trained[key], value, rtol=1e-5, atol=1e-6).sum())
-            total += value.size
-        assert close >= 0.999 * total, f"{run.name}: {total - close} of {total} differ"
+        assert_within_one_adam_step(load_file(alone / name), load_file(run / name), lr)
