@@ -35,9 +35,13 @@ def _abstract_params(module, *inputs) -> dict:
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)["params"])
 
 
+def _unet_params(unet: UNet2DConditionModel) -> dict:
+    return jax.eval_shape(
+        lambda: unet.init(jax.random.key(0), **unet.config.example_inputs())["params"])
+
+
 def _unet_pass(unet: UNet2DConditionModel, shapes, size: int, extra: dict):
-    params = jax.eval_shape(
-        lambda: unet.init(jax.random.key(0), **shapes.example_inputs())["params"])
+    params = _unet_params(unet)
 
     def loss(context, params, sample):
         out, state = unet.apply({"params": params}, sample, 500, context, **extra,
@@ -53,9 +57,7 @@ def _ti_step(preset, unet: UNet2DConditionModel, dtype: jnp.dtype, size: int):
     ids_spec = jax.ShapeDtypeStruct((1, TOKENS), jnp.int32)
     ids_zero = jnp.zeros((1, TOKENS), jnp.int32)
     text = CLIPTextModel(preset.text, dtype)
-    params = {"text": _abstract_params(text, ids_zero),
-              "unet": jax.eval_shape(lambda: unet.init(
-                  jax.random.key(0), **preset.unet.example_inputs())["params"])}
+    params = {"text": _abstract_params(text, ids_zero), "unet": _unet_params(unet)}
     width = preset.text.hidden_size
     text_2 = None
     if preset.text_2 is not None:

@@ -109,8 +109,8 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
 
 @pytest.mark.slow
 def test_sdxl_lora_file_loads_in_diffusers_and_adapts_like_ours(sdxl_folder, tmp_path):
-    """LoRA on the SDXL U-Net (the lora method's adapters, every attention projection of its 70
-    layers' kind): both files `export_concept` writes (peft names, kohya names) through
+    """LoRA on the SDXL U-Net (the lora method's adapters on every attention projection of the
+    tiny SDXL U-Net): both files `export_concept` writes (peft names, kohya names) through
     diffusers' `load_lora_weights` into a StableDiffusionXLPipeline adapt its U-Net as ours,
     with the added conditioning (pooled text, add-time ids). Tolerance: tests/test_lora.py's."""
     from test_lora import _assert_close, _trained_adapters
