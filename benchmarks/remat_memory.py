@@ -7,10 +7,16 @@ a CPU. Two programs (`--program`):
 - `ti_step`: Textual Inversion's whole gradient, learned vector -> both text encoders (SDXL)
   or the one (SD) with the vector injected -> the U-Net with the added conditioning -> the
   diffusion loss: what one training step of TI computes before the optimizer's update.
+- `core_step`: CoRe's whole stage-1 training step as `core-jax train` compiles it (the bench's
+  `core` variant: the caption pass, L_emb's text passes, L_attn's U-Net passes, the norm hold,
+  AdamW), one caption row, built by `random_setup` with the U-Net's parameters abstract (the
+  text encoders are real: CoRe's targets are encoded before training).
 
     python benchmarks/remat_memory.py sdxl --dtype bfloat16 --remat none,unet_block
     python benchmarks/remat_memory.py sdxl --dtype bfloat16 --remat none,unet_block \
         --program ti_step
+    python benchmarks/remat_memory.py sdxl --dtype bfloat16 --remat none,unet_block \
+        --program core_step
 
 About 2 minutes per policy for SDXL base here (6 with remat), 1 for `tiny_sdxl`.
 """
@@ -84,13 +90,23 @@ def _ti_step(preset, unet: UNet2DConditionModel, dtype: jnp.dtype, size: int):
         jax.ShapeDtypeStruct((1, width), jnp.float32), params, ids_spec, latent, latent)
 
 
+def _core_step(preset: str, dtype: str, policy: str):
+    from core_jax.bench.programs import stage1_program
+    from core_jax.train.synthetic import random_setup
+
+    setup = random_setup(preset, dtype=dtype, remat=policy, abstract_unet=True, batch_size=1)
+    program = stage1_program(setup, "core")
+    return program.jitted.lower(*program.args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat", default="none,unet_block")
     parser.add_argument("--size", type=int, default=0, help="latent side (default: native)")
-    parser.add_argument("--program", default="unet_pass", choices=("unet_pass", "ti_step"))
+    parser.add_argument("--program", default="unet_pass",
+                        choices=("unet_pass", "ti_step", "core_step"))
     args = parser.parse_args()
     preset = get_preset(args.preset)
     shapes = preset.unet
@@ -98,7 +114,11 @@ def main() -> None:
     for policy in args.remat.split(","):
         unet = UNet2DConditionModel(shapes, jnp.dtype(args.dtype), remat=policy)
         start = time.perf_counter()
-        if args.program == "ti_step":
+        if args.program == "core_step":
+            if args.size:
+                parser.error("--size applies to unet_pass and ti_step; core_step is native size")
+            lowered = _core_step(args.preset, args.dtype, policy)
+        elif args.program == "ti_step":
             lowered = _ti_step(preset, unet, jnp.dtype(args.dtype), size)
         else:
             extra = {}

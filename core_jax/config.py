@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     # unet_block, dots_saveable). Neither changes the numbers, only time and memory.
     c.model.attention = "auto"
     c.model.remat = "none"
+    # Where the text encoders' pooled output (SDXL's added text embedding) is read: at the
+    # end-of-text token ("end_of_text", as A1111 and ComfyUI do), or as transformers reads the
+    # folder's config ("as_config": SDXL base's legacy eos_token_id 2 pools at argmax of the ids,
+    # i.e. at the learned token, which is what diffusers' pipeline computes).
+    c.model.pooling = "end_of_text"
 
     # The concept: photos and what it is.
     c.concept = ml_collections.ConfigDict()
@@ -164,4 +169,5 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     saved.setdefault("data", {}).setdefault("augmentation", "core")
     saved.setdefault("model", {}).setdefault("attention", "auto")
     saved["model"].setdefault("remat", "none")
+    saved["model"].setdefault("pooling", "end_of_text")
     return saved

@@ -463,13 +463,14 @@ def generate_latents(
 
 def load_sdxl_pipeline(
     folder: str | Path, placeholder: str = "<s*>", num_vectors: int = 1,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype = jnp.float32, pooling: str = "end_of_text",
 ) -> Pipeline:
     """An SDXL diffusers folder as a pipeline whose two tokenizers know the concept's
     placeholder tokens (`num_vectors` of them; 0 for the base model alone); SD's noise schedule
-    unless the folder's scheduler says otherwise (`core_jax.diffusion.load_schedule`)."""
+    unless the folder's scheduler says otherwise (`core_jax.diffusion.load_schedule`);
+    `pooling` as `weights.load_sdxl` takes it."""
     folder = Path(folder)
-    models = weights.load_sdxl(folder, dtype)
+    models = weights.load_sdxl(folder, dtype, pooling=pooling)
     tokenizer = load_tokenizer(folder)
     tokenizer_2 = load_tokenizer(folder, "tokenizer_2")
     ids = []

@@ -245,24 +245,28 @@ def vae_shapes(module: AutoencoderKL) -> Params:
 
 
 def load_text_encoder(
-    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False,
+    pooling: str = "end_of_text",
 ) -> tuple[CLIPTextModel, Params]:
-    """The CLIP text encoder of a diffusers folder (or a `text_encoder/` folder itself)."""
+    """The CLIP text encoder of a diffusers folder (or a `text_encoder/` folder itself);
+    `pooling` as `CLIPTextConfig.from_diffusers` takes it."""
     return _load(
         folder, "text_encoder",
-        lambda cfg: CLIPTextModel(CLIPTextConfig.from_diffusers(cfg), dtype),
+        lambda cfg: CLIPTextModel(CLIPTextConfig.from_diffusers(cfg, pooling), dtype),
         text_encoder_shapes, allow_pickle,
     )
 
 
 def load_text_encoder_2(
-    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False,
+    pooling: str = "end_of_text",
 ) -> tuple[CLIPTextModelWithProjection, Params]:
     """SDXL's second text encoder (`text_encoder_2/`, a `CLIPTextModelWithProjection`) of a
-    diffusers folder, or such a folder itself."""
+    diffusers folder, or such a folder itself; `pooling` as in `load_text_encoder`."""
     return _load(
         folder, "text_encoder_2",
-        lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig.from_diffusers(cfg), dtype),
+        lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig.from_diffusers(cfg, pooling),
+                                                dtype),
         text_encoder_shapes, allow_pickle,
     )
 
@@ -299,16 +303,19 @@ class SDXLModels:
 
 
 def load_sdxl(
-    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False
+    folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32, allow_pickle: bool = False,
+    pooling: str = "end_of_text",
 ) -> SDXLModels:
     """Every model of an SDXL diffusers folder (`text_encoder/`, `text_encoder_2/`, `unet/`,
     `vae/`), checked to fit together: the U-Net's context is both encoders' widths and its
-    added conditioning takes the second encoder's projection."""
+    added conditioning takes the second encoder's projection. `pooling`: where the second
+    encoder's pooled embedding is read, "end_of_text" (A1111, ComfyUI) or "as_config"
+    (diffusers: argmax of the ids for SDXL base's legacy `eos_token_id: 2`)."""
     folder = Path(folder)
     if not (folder / "text_encoder_2" / "config.json").is_file():
         raise InputError(f"{folder} has no text_encoder_2/config.json (is it an SDXL folder?)")
-    text_encoder, text_params = load_text_encoder(folder, dtype, allow_pickle)
-    text_encoder_2, text_2_params = load_text_encoder_2(folder, dtype, allow_pickle)
+    text_encoder, text_params = load_text_encoder(folder, dtype, allow_pickle, pooling)
+    text_encoder_2, text_2_params = load_text_encoder_2(folder, dtype, allow_pickle, pooling)
     unet, unet_params = load_unet(folder, dtype, allow_pickle)
     vae, vae_params = load_vae(folder, dtype, allow_pickle)
     widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size

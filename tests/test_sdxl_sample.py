@@ -3,6 +3,11 @@ random-weight SDXL folder saved in the test (tests/test_sdxl_models.py builds it
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -10,10 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import safetensors.numpy  # noqa: E402
+import safetensors.torch  # noqa: E402
 from test_sdxl_models import _tiny_sdxl_pipeline, assert_max_abs  # noqa: E402
 from torch_helpers import nchw, nhwc  # noqa: E402
 
 from core_jax import export  # noqa: E402
+from core_jax.models.clip_text import CLIPTextConfig  # noqa: E402
 from core_jax.sample import (  # noqa: E402
     _prompt_arrays,
     generate,
@@ -21,6 +29,8 @@ from core_jax.sample import (  # noqa: E402
     load_sdxl_pipeline,
 )
 from core_jax.text import encode_sdxl_with_learned, second_encoder_ids, tokenize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +78,7 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
     assert path.name == "my_concept.safetensors"
     np.testing.assert_array_equal(export.load_sdxl_embedding(path), learned)
 
-    from safetensors.torch import load_file
-
-    state = load_file(path)
+    state = safetensors.torch.load_file(path)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
     pipe.load_textual_inversion(state["clip_l"], token="<s*>", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
@@ -103,8 +111,65 @@ def test_sdxl_embedding_file_loads_into_both_encoders_of_diffusers(sdxl_folder, 
     assert ids_2[0][highest_id] == ours.placeholder_ids[-1] and highest_id < first_eos
     assert_max_abs(got_pooled, projected_at(first_eos))
     assert_max_abs(pooled.numpy(), projected_at(highest_id))
+    # pooling="as_config" reads the folder's config as transformers does: diffusers' pooled too.
+    as_diffusers = load_sdxl_pipeline(sdxl_folder, num_vectors=2, pooling="as_config")
+    assert as_diffusers.text_encoder_2.config.pooling == "argmax_ids"
+    got, got_pooled = encode_sdxl_with_learned(
+        as_diffusers.text_encoder, as_diffusers.text_encoder_2, as_diffusers.params, ids, ids_2,
+        vectors, (mask, slot))
+    assert_max_abs(got, context.numpy())
+    assert_max_abs(got_pooled, pooled.numpy())
     with pytest.raises(ValueError, match="width_1"):
         export.save_sdxl_embedding(tmp_path, "bad", learned, width_1=80)
+
+
+def test_pooling_follows_a_legacy_config_only_when_asked_and_saves_back_as_it_was_read():
+    legacy = {**CLIPTextConfig().to_diffusers(), "eos_token_id": 2}
+    assert CLIPTextConfig.from_diffusers(legacy).pooling == "end_of_text"
+    as_config = CLIPTextConfig.from_diffusers(legacy, "as_config")
+    assert as_config.pooling == "argmax_ids" and as_config.eos_token_id == 49407
+    assert as_config.to_diffusers()["eos_token_id"] == 2 and "pooling" not in legacy
+    current = CLIPTextConfig().to_diffusers()
+    assert CLIPTextConfig.from_diffusers(current, "as_config").pooling == "end_of_text"
+    with pytest.raises(ValueError, match="pooling"):
+        CLIPTextConfig.from_diffusers(current, "last")
+
+
+@pytest.mark.slow
+def test_a_run_trained_from_an_sdxl_folder_exports_what_diffusers_loads(sdxl_folder, tmp_path):
+    """`core-jax train` from a saved SDXL folder with model.pooling="as_config": the run's own
+    a1111 file, loaded by diffusers into both encoders of that folder's pipeline, gives the
+    context and the pooled embedding the run trained with (ours from its learned vectors)."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "core_jax", "train", "--config",
+           str(ROOT / "configs/core_sdxl.py"), "--workdir", str(workdir),
+           f"--config.model.path={sdxl_folder}", "--config.model.pooling=as_config",
+           "--config.data.resolution=64", "--config.data.num_views=2",
+           "--config.stage1.steps=2", "--config.stage1.batch_size=2",
+           "--config.stage1.rescale_start=1", "--config.stage1.rescale_end=2",
+           "--config.stage2.steps=0", "--config.concept.images=builtin:chelsea",
+           "--config.concept.super_category=cat", "--config.sample.at_end=False"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    learned = safetensors.numpy.load_file(workdir / "learned_embeds.safetensors")["<s*>"]
+    ours = load_sdxl_pipeline(sdxl_folder, num_vectors=1, pooling="as_config")
+    prompts = ["a photo of a <s*> on the beach"]
+    ids, mask, slot, vectors = _prompt_arrays(ours, prompts, learned)
+    ids_2 = second_encoder_ids(ids, ours.tokenizer.eos_token_id, ours.tokenizer_2.pad_token_id)
+    want, want_pooled = encode_sdxl_with_learned(ours.text_encoder, ours.text_encoder_2,
+                                                 ours.params, ids, ids_2, vectors, (mask, slot))
+    state = safetensors.torch.load_file(workdir / "a1111" / "concept.safetensors")
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.load_textual_inversion(state["clip_l"], token="<s*>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<s*>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu",
+                                                   do_classifier_free_guidance=False)
+    assert_max_abs(want, context.numpy())
+    assert_max_abs(want_pooled, pooled.numpy())
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from core_jax.models._config import from_json_dict, to_json_dict
 
+POOLINGS = ("end_of_text", "argmax_ids")
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -38,34 +39,49 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
     projection_dim: int = 768
+    # Where pooler_output is read: "end_of_text" (the first end-of-text token), or "argmax_ids"
+    # (the position of the largest id: transformers' pooling for legacy configs that say
+    # eos_token_id 2, as SD 1.x's and SDXL base's encoders do; an added token's id then wins).
+    pooling: str = "end_of_text"
 
     def __post_init__(self) -> None:
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
 
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> CLIPTextConfig:
+    def from_diffusers(cls, config: dict[str, Any], pooling: str = "end_of_text") -> CLIPTextConfig:
+        """`pooling`: "end_of_text", or "as_config": where transformers pools for this config
+        (argmax of the ids for a legacy `eos_token_id: 2`, else the first end-of-text)."""
+        if pooling not in POOLINGS + ("as_config",):
+            raise ValueError(f"pooling {pooling!r} not in {POOLINGS + ('as_config',)}")
         config = dict(config)
-        if config.get("eos_token_id") == 2:
-            # Legacy configs say 2 while the tokenizer's end-of-text is 49407 (transformers then
-            # falls back to argmax of ids); the first end-of-text is what we want either way.
+        legacy = config.get("eos_token_id") == 2
+        if legacy:
+            # The tokenizer's end-of-text is 49407 whatever a legacy config says.
             config["eos_token_id"] = 49407
-        return from_json_dict(cls, config)
+        if pooling == "as_config":
+            pooling = "argmax_ids" if legacy else "end_of_text"
+        return from_json_dict(cls, {**config, "pooling": pooling})
 
     def to_diffusers(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+        fields = to_json_dict(self)
+        if fields.pop("pooling") == "argmax_ids":
+            fields["eos_token_id"] = 2  # what makes transformers pool at argmax(ids)
         return {
             "architectures": [architecture],
             "model_type": "clip_text_model",
             "bos_token_id": 49406,
             "pad_token_id": 1,
-            **to_json_dict(self),
+            **fields,
         }
 
 
 @flax.struct.dataclass
 class TextEncoderOutput:
     last_hidden_state: jax.Array  # [B, T, D], after the final layer norm
-    pooler_output: jax.Array  # [B, D], at the first end-of-text token
+    pooler_output: jax.Array  # [B, D], where config.pooling says
     hidden_states: tuple[jax.Array, ...] | None = None  # embeddings + each layer, before norm
 
 
@@ -194,8 +210,11 @@ class CLIPTextTransformer(nn.Module):
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         x, states = CLIPEncoder(c, self.dtype, name="encoder")(x, mask)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
-        eos = first_eos_index(input_ids, c.eos_token_id)
-        pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+        if c.pooling == "argmax_ids":
+            at = jnp.argmax(input_ids, axis=-1)
+        else:
+            at = first_eos_index(input_ids, c.eos_token_id)
+        pooled = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
         return TextEncoderOutput(
             last_hidden_state=x,
             pooler_output=pooled,

@@ -163,12 +163,15 @@ class RandomModels:
 
 
 def random_models(
-    preset: str | ModelPreset, seed: int = 0, dtype: jnp.dtype = jnp.float32
+    preset: str | ModelPreset, seed: int = 0, dtype: jnp.dtype = jnp.float32,
+    abstract_unet: bool = False,
 ) -> RandomModels:
     """Random-weight models of a preset (the embedded default, tests, benchmarks).
 
     Inits run jitted on the smallest inputs that create every parameter and return only the
     parameters, so XLA drops the forward pass; values depend only on the seed and the shapes.
+    `abstract_unet`: the U-Net's parameters as shapes only (`jax.ShapeDtypeStruct`), for
+    programs that are compiled and never run (memory analysis at SDXL's real size here).
     """
     shapes = get_preset(preset) if isinstance(preset, str) else preset
     text_encoder = CLIPTextModel(shapes.text, dtype)
@@ -182,11 +185,13 @@ def random_models(
         args = [jnp.zeros(shape, dt) for shape, dt in shapes_and_dtypes]
         return jax.jit(lambda k: module.init(k, *args)["params"])(key)
 
+    def init_unet(key: jax.Array) -> Any:
+        return unet.init(key, **shapes.unet.example_inputs())["params"]
+
     params = {
         "text": init(text_encoder, k_text, ((1, shapes.text.max_position_embeddings), jnp.int32)),
-        "unet": jax.jit(
-            lambda k: unet.init(k, **shapes.unet.example_inputs())["params"]
-        )(k_unet),
+        "unet": (jax.eval_shape(init_unet, k_unet) if abstract_unet
+                 else jax.jit(init_unet)(k_unet)),
         "vae": init(vae, k_vae, ((1, factor, factor, shapes.vae.in_channels), f32)),
     }
     text_encoder_2 = None

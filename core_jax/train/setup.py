@@ -111,12 +111,13 @@ def load_models(
         path, allow = Path(config.model.path), config.model.allow_pickle
         try:
             if (path / "text_encoder_2").is_dir():
-                sdxl = weights.load_sdxl(path, dtype, allow)
+                sdxl = weights.load_sdxl(path, dtype, allow, config.model.pooling)
                 text_encoder, unet, vae = sdxl.text_encoder, sdxl.unet, sdxl.vae
                 text_encoder_2, params = sdxl.text_encoder_2, sdxl.params
                 tokenizer_2 = load_tokenizer(path, "tokenizer_2")
             else:
-                text_encoder, text_params = weights.load_text_encoder(path, dtype, allow)
+                text_encoder, text_params = weights.load_text_encoder(
+                    path, dtype, allow, config.model.pooling)
                 unet, unet_params = weights.load_unet(path, dtype, allow)
                 vae, vae_params = load_vae_or_pixel_space(path, unet, dtype, allow)
                 params = {"text": text_params, "unet": unet_params, "vae": vae_params}
@@ -214,7 +215,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not 0 <= _value(config, key) <= 1:
             raise InputError(f"{key} is {_value(config, key)}; a probability is between 0 and 1")
     choices = {"sample.sampler": SAMPLERS, "model.dtype": DTYPES,
-               "model.attention": ATTENTION_IMPLEMENTATIONS, "model.remat": REMAT_POLICIES}
+               "model.attention": ATTENTION_IMPLEMENTATIONS, "model.remat": REMAT_POLICIES,
+               "model.pooling": ("end_of_text", "as_config")}
     if not config.model.path:
         choices["model.preset"] = tuple(PRESETS)
     for key, allowed in choices.items():

@@ -73,6 +73,7 @@ def random_setup(
     attention: str = "auto",
     remat: str = "none",
     caption: str = "a photo of a {}",
+    abstract_unet: bool = False,
     **stage: Any,
 ) -> Setup:
     """C concepts (super-categories cycling through a fixed list, alternating animate and
@@ -81,12 +82,14 @@ def random_setup(
     overrides keys for concept c (its numbers, say). `class_pool_size` > 0 gives each concept a
     random pool of that many class latents and the prompt "a photo of a <super-category>", as
     prior preservation reads them. `attention` and `remat`: the U-Net's (`config.model`).
-    `caption`: the training caption; with "{cls}" each concept has its own (its class word)."""
+    `caption`: the training caption; with "{cls}" each concept has its own (its class word).
+    `abstract_unet`: the U-Net's parameters as shapes only, for a step that is compiled and
+    never run (`random_models`; stage-1 methods only: nothing copies the U-Net)."""
     shapes = get_preset(preset)
     shapes = dataclasses.replace(
         shapes, unet=UNetConfig(**{**dataclasses.asdict(shapes.unet), **(unet_overrides or {})})
     )
-    models = random_models(shapes, seed, jnp.dtype(dtype))
+    models = random_models(shapes, seed, jnp.dtype(dtype), abstract_unet)
     models.unet = models.unet.clone(attention=attention, remat=remat)
     size = shapes.unet.sample_size
 
