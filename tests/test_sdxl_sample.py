@@ -21,6 +21,8 @@ from test_sdxl_models import _tiny_sdxl_pipeline, assert_max_abs  # noqa: E402
 from torch_helpers import nchw, nhwc  # noqa: E402
 
 from core_jax import export  # noqa: E402
+from core_jax.config import base_config, migrate  # noqa: E402
+from core_jax.errors import InputError  # noqa: E402
 from core_jax.models.clip_text import CLIPTextConfig  # noqa: E402
 from core_jax.sample import (  # noqa: E402
     _prompt_arrays,
@@ -29,6 +31,7 @@ from core_jax.sample import (  # noqa: E402
     load_sdxl_pipeline,
 )
 from core_jax.text import encode_sdxl_with_learned, second_encoder_ids, tokenize  # noqa: E402
+from core_jax.train import setup as run_setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +136,13 @@ def test_pooling_follows_a_legacy_config_only_when_asked_and_saves_back_as_it_wa
     assert CLIPTextConfig.from_diffusers(current, "as_config").pooling == "end_of_text"
     with pytest.raises(ValueError, match="pooling"):
         CLIPTextConfig.from_diffusers(current, "last")
+    config = base_config()
+    config.concept.super_category = "dog"
+    config.model.pooling = "last"
+    with pytest.raises(InputError, match="model.pooling is 'last'; choose one of end_of_text, "
+                                         "as_config"):
+        run_setup.check_config(config)
+    assert migrate({"version": 2})["model"]["pooling"] == "end_of_text"  # runs saved before it
 
 
 @pytest.mark.slow
