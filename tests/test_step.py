@@ -7,6 +7,8 @@ times down; every code path of the step is still there.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,17 @@ def test_thesis_pairwise_reads_the_concept_and_trains():
     assert np.isfinite(list(values.values())).all()
     assert values["thesis"] != pytest.approx(values["context"], rel=1e-3)
     assert min(moved.values()) > 0
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny_sdxl"])
+def test_setup_passes_the_text_weights_as_arguments_not_as_constants(preset):
+    """CoRe's targets are encoded before training: with the weights closed over, jit embeds them
+    in the program as constants (3 GB at SDXL's size, which XLA then constant-folds)."""
+    limit = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", 100_000)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured")
+            random_setup(preset)
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", limit)

@@ -145,19 +145,25 @@ def build_concept_data(
         return np.concatenate([embedding,
                                super_category_embedding(tokenizer, text_2_params, word)])
 
+    # The weights are arguments, not constants closed over: a closure would embed them in the
+    # program (3 GB at SDXL's size) and make XLA constant-fold them.
+    encode_jit = jax.jit(
+        lambda params, ids: text_encoder.apply({"params": params}, ids).last_hidden_state)
+
+    def encode(ids: jax.Array) -> jax.Array:  # [R, T] -> [R, T, D]
+        return encode_jit(text_params, ids)
+
     if text_encoder_2 is None:
-        encode = jax.jit(
-            lambda ids: text_encoder.apply({"params": text_params}, ids).last_hidden_state)
         cat_hidden = np.stack([np.asarray(encode(jnp.asarray(ids))) for ids in cat_ids])
     else:
         if class_pools is not None:
             raise InputError("prior preservation on SDXL is not built yet (its class pass "
                              "needs the pooled embedding); use an SD 1.x/2.x model")
         frozen = {"text": text_params, "text_2": text_2_params}
-        encode_sdxl = jax.jit(lambda ids: encode_sdxl_with_learned(
-            text_encoder, text_encoder_2, frozen, ids,
+        encode_sdxl = jax.jit(lambda params, ids: encode_sdxl_with_learned(
+            text_encoder, text_encoder_2, params, ids,
             second_encoder_ids(ids, tokenizer.eos_token_id, pad_id_2), None))
-        encoded = [jax.device_get(encode_sdxl(jnp.asarray(ids))) for ids in cat_ids]
+        encoded = [jax.device_get(encode_sdxl(frozen, jnp.asarray(ids))) for ids in cat_ids]
         cat_hidden = np.stack([h for h, _ in encoded])
         cat_pooled = jnp.asarray(np.stack([e for _, e in encoded]))
         time_ids = jnp.asarray(np.stack([pool.time_ids for pool in latent_pools]), jnp.float32)
