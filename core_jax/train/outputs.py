@@ -137,6 +137,9 @@ def sample_run(
         # Text-encoder adapters (TextBoost) live in the checkpoint too.
         params = checkpoint_params(latest_checkpoint(workdir)[1], config)
         pipeline.text_params = jax.device_get(merged_text(params, models.params["text"]))
+        # Guidance's unconditional branch stays the frozen encoder's (TextBoost's null
+        # embedding).
+        pipeline.null_text_params = models.params["text"]
     expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
 
     def draw(prompts: list[str], vectors: np.ndarray) -> np.ndarray:
