@@ -296,7 +296,8 @@ def _sample_timed(
     layers = cross_attention_layers(unet)
 
     def contexts(t: jax.Array) -> jax.Array:  # -> [2 N k, K, T, D], unconditional half first
-        vectors, bypass = learned.vectors(learned.value, t[:1], None)  # [1, L, V, D] each
+        truncation = {} if learned.truncation is None else {"truncation": learned.truncation}
+        vectors, bypass = learned.vectors(learned.value, t[:1], None, **truncation)  # [1,L,V,D]
         rows = ids.shape[0]
         spread = lambda a: None if a is None else jnp.broadcast_to(  # noqa: E731
             a, (rows,) + a.shape[1:])

@@ -203,13 +203,21 @@ def nested_dropout_keep(key: jax.Array, probability: jax.Array, hidden: int) -> 
 
 
 def timestep_vectors(
-    value: Mapping[str, Any], timesteps: jax.Array, row_keys: jax.Array | None
+    value: Mapping[str, Any], timesteps: jax.Array, row_keys: jax.Array | None,
+    truncation: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """S*'s vectors [b, L, 1, D] and bypass vectors [b, L, 1, D] (or None) for each row's
     timestep [b] at every layer; `row_keys` [b, 2] (raw) draw nested dropout per (row, layer),
-    None: none (sampling)."""
+    None: none (sampling). `truncation` (sampling only, an int scalar k): the code's
+    `truncation_idx`, the hidden representation's units from k on zeroed at every (row,
+    layer), as nested dropout trained the mapper to allow (k = H: no truncation)."""
     layers = jax.lax.stop_gradient(value["constants"]["layers"])  # [L]
     keep = None
+    if truncation is not None:
+        if row_keys is not None:
+            raise ValueError("truncation is for sampling; training draws nested dropout")
+        keep = jnp.broadcast_to(jnp.asarray(truncation, jnp.int32),
+                                (timesteps.shape[0], layers.shape[0]))
     if row_keys is not None:
         hidden = value["hidden_1"]["bias"].shape[-1]
         probability = jax.lax.stop_gradient(value["constants"]["dropout"])
