@@ -204,6 +204,68 @@ def test_guidance_unconditional_branch_is_the_frozen_encoders():
     assert pipeline.params["text_null"] is frozen
 
 
+def test_paired_augmentation_tokens_match_the_views():
+    """Each view's tokens name what was done to it: a lone "<hflip>" is the plain view
+    mirrored, "<left>"/"<right>" the plain view shifted that way with a grey strip, "<zoom-out>"
+    the photo small on a grey canvas, "<grayscale>" equal channels, "<collage>" a tiled view;
+    every token and no other turns up at p 0.5; the same seed gives the same views; the
+    caption's ids hold exactly the view's tokens' ids, one per vector of its init word."""
+    from core_jax.data import paired_views
+    from core_jax.methods.textboost import (
+        AUGMENTATION_TOKENS,
+        add_augmentation_tokens,
+        augmented_caption,
+    )
+    from core_jax.text import load_tokenizer, tokenize
+
+    size = 32
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    photo = np.stack([8 * x, 8 * y, 255 - 4 * (x + y)], -1).clip(0, 255).astype(np.uint8)
+    plain = photo.astype(np.float32) / 127.5 - 1
+    views, tokens = paired_views([photo], 600, size, seed=3)
+    again, tokens_again = paired_views([photo], 600, size, seed=3)
+    np.testing.assert_array_equal(views, again)
+    assert tokens == tokens_again
+    seen = {t for ts in tokens for t in ts}
+    assert seen == set(AUGMENTATION_TOKENS), seen
+    for alone in ("<hflip>", "<left>", "<right>", "<zoom-out>"):  # the cases checked below
+        assert (alone,) in tokens
+    grey = 0.0  # mid grey in [-1, 1]
+    for view, ts in zip(views, tokens, strict=True):
+        equal_channels = np.allclose(view[..., 0], view[..., 1], atol=1e-5)
+        assert equal_channels == ("<grayscale>" in ts), ts
+        if "<collage>" in ts:  # a 2 x 2 or 3 x 3 tiling: the first tile repeats to its right
+            assert any(np.allclose(view[:size // k, :size // k],
+                                   view[:size // k, size // k:2 * (size // k)], atol=1e-5)
+                       for k in (2, 3)), ts
+        if ts == ("<hflip>",):
+            np.testing.assert_allclose(view, plain[:, ::-1], atol=1e-5)
+        if ts in (("<left>",), ("<right>",)):
+            columns = np.flatnonzero(np.all(np.abs(view - grey) < 1e-6, axis=(0, 2)))
+            assert 0.15 * size - 1 <= len(columns) <= 0.30 * size + 1
+            shift = len(columns) if ts == ("<right>",) else -len(columns)
+            kept = slice(shift, None) if shift > 0 else slice(None, shift)
+            source = slice(None, -shift) if shift > 0 else slice(-shift, None)
+            np.testing.assert_allclose(view[:, kept], plain[:, source], atol=1e-5)
+            assert (columns[0] == 0) == (ts == ("<right>",))
+        if ts == ("<zoom-out>",):  # at most 0.6 of the side: the corners are canvas
+            assert np.all(np.abs(view[:size // 5, :size // 5] - grey) < 1e-6)
+
+    tokenizer = load_tokenizer()
+    added = add_augmentation_tokens(tokenizer)
+    vectors = {t: len(ids) for t, (ids, _) in added.items()}
+    for token, (ids, init_ids) in added.items():
+        assert len(ids) == len(init_ids) == len(tokenizer.encode(AUGMENTATION_TOKENS[token],
+                                                                 add_special_tokens=False))
+    assert vectors["<zoom-in>"] == 2 and vectors["<grayscale>"] >= 1
+    every = {i for ids, _ in added.values() for i in ids}
+    for ts in tokens[:40]:
+        caption = augmented_caption("a photo of a <s*>", ts, vectors)
+        ids = set(tokenize(tokenizer, [caption])[0].tolist())
+        want = {i for t in ts for i in added[t][0]}
+        assert ids & every == want, (caption, ts)
+
+
 @pytest.mark.slow
 def test_packed_runs_equal_each_alone():
     per_run = [{"text_lora_learning_rate": 1e-2}, {"text_lora_learning_rate": 3e-3}]

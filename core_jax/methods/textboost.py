@@ -53,8 +53,34 @@ from core_jax.methods.lora import (
     merge,
     target_paths,
 )
+from core_jax.text import add_placeholder_tokens, placeholder_string
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
+# The augmentation tokens (object mode) and the words their vectors start at (the code's
+# `add_augmentation_tokens`): a word of several tokens gives the token as many vectors.
+AUGMENTATION_TOKENS = {
+    "<grayscale>": "grayscale", "<zoom-in>": "zoom in", "<zoom-out>": "far away",
+    "<collage>": "photo collage", "<crop>": "crop", "<hflip>": "ktn", "<left>": "pll",
+    "<right>": "ucd",
+}
+
+
+def add_augmentation_tokens(tokenizer: Any) -> dict[str, tuple[list[int], list[int]]]:
+    """Adds each augmentation token to `tokenizer` (in place) with as many vectors as its init
+    word has tokens: token -> (its ids, the init word's ids, one per vector)."""
+    added = {}
+    for token, word in AUGMENTATION_TOKENS.items():
+        init_ids = tokenizer.encode(word, add_special_tokens=False)
+        added[token] = (add_placeholder_tokens(tokenizer, token, len(init_ids)), init_ids)
+    return added
+
+
+def augmented_caption(caption: str, tokens: tuple[str, ...], vectors: Mapping[str, int]) -> str:
+    """`caption` with a view's augmentation tokens after it, each written out as all its
+    vectors' tokens ("<zoom-in> <zoom-in>_1"); `vectors`: token -> its number of vectors.
+    [UNVERIFIED] where the code puts them in the caption."""
+    return " ".join([caption] + [placeholder_string(t, vectors[t]) for t in tokens])
+
 DEFAULTS = {
     "lambda_kp": 0.1,
     "text_lora_rank": 4,
