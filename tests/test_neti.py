@@ -482,3 +482,10 @@ def test_core_jax_train_with_neti_tiny_exports_the_mapper(tmp_path):
     grid = sample_run(workdir, ["a S* in the jungle"], num_images=1, steps=2, sampler=None,
                       guidance_scale=None, seed=0, out=tmp_path / "grid.png", say=lambda _: None)
     assert grid.is_file()
+    # `core-jax sample --neti_truncation 8`: the mapper's first 8 hidden units, another image.
+    truncated = sample_run(workdir, ["a S* in the jungle"], num_images=1, steps=2, sampler=None,
+                           guidance_scale=None, seed=0, out=tmp_path / "truncated.png",
+                           neti_truncation=8, say=lambda _: None)
+    from PIL import Image
+
+    assert np.any(np.asarray(Image.open(truncated)) != np.asarray(Image.open(grid)))
