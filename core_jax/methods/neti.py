@@ -25,7 +25,10 @@ Read from the official code (github.com/NeuralTextualInversion/NeTI at 28edf30:
   them) before the output layer. The code draws that coin once per call, i.e. per layer for
   the micro-batch's rows; here it is drawn per (row, layer), so a row's randomness depends on
   its own key alone and any split of rows over devices draws the same numbers. At sampling no
-  truncation (the code's default `truncation_idx=None`).
+  truncation by default (the code's `truncation_idx=None`); `core-jax sample
+  --neti_truncation K` zeroes units K.. at every step and layer, as the code's inference-time
+  `truncation_idx` (read in a NeTI-derived mapper's `apply_nested_dropout`; NeTI's own file not
+  fetched here), trading fidelity for editability.
 - Textual bypass (the second half b of the output): added to S*'s position of the text
   encoder's last hidden state BEFORE the final layer norm, h <- h + 0.2 (b / ||b||) ||h||, and
   only the cross-attention VALUES read that encoding; the keys read the encoding without it
