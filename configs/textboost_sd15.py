@@ -7,8 +7,13 @@ prompts (`core_jax/methods/textboost.py`). The numbers are `run_textboost_db.py`
 `train_textboost.py` of github.com/nahyeonkaty/textboost (METHODS.md section 3): 250 steps at
 batch 8, S* at lr 1e-3, the adapters at 1e-4, AdamW weight decay 1e-2, gradient clipping 1.0
 (the code clips the text encoder's gradient; here each run's whole gradient, S* included),
-`--kpl_weight 0.1`. The code's augmentation tokens and its null embedding for the unconditional
-branch are not built (the method's docstring lists what differs).
+`--kpl_weight 0.1`. Timesteps: `timestep_sampling="uniform"`, what the released script runs
+(its `--disable_weighted_sample` defaults to True); set "snr_weighted" for the paper's
+SNR-weighted sampling (p_t proportional to max log SNR - log SNR(t), the code's formula).
+Sampling (grids, `core-jax sample`) keeps guidance's unconditional branch at the frozen encoder,
+as the code's null embedding. The code's augmentation tokens are built in the data layer but
+not yet used in training: this run trains on CoRe's augmentation with the plain caption (the
+method's docstring lists what differs).
 
 Command:
     core-jax train --config configs/textboost_sd15.py --workdir runs/dog \\
@@ -31,6 +36,7 @@ def get_config():
     c.stage1 = stage_config(
         ("textual_inversion", "textboost"), steps=250, batch_size=8, learning_rate=1e-3,
         text_lora_learning_rate=1e-4, weight_decay=1e-2, clip_norm=1.0, lambda_kp=0.1,
+        timestep_sampling="uniform",  # the code's; "snr_weighted": the paper's
     )
     c.stage2.steps = 0
     return c

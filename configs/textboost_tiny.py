@@ -7,8 +7,12 @@ rank-4 adapters on the q/k/v projections of both text-encoder layers (6 adapters
 numbers) train (`core_jax/methods/textboost.py`), the U-Net frozen; each row also draws a
 prior prompt (a general caption, "a photo of a cat"-style template, or "") whose adapted
 encoding is held to the frozen encoder's by 1 - cos over all 77 tokens, weight 0.1.
-configs/textboost_sd15.py holds the official recipe; here the steps are fewer and the
-adapters' learning rate higher so random weights visibly move. Nothing is downloaded.
+Timesteps are drawn by the paper's SNR-weighted sampling (`timestep_sampling="snr_weighted"`,
+p_t proportional to max log SNR - log SNR(t)) so this run exercises it; the released code, and
+configs/textboost_sd15.py, draw them uniformly. The grids' unconditional branch is the frozen
+encoder's (the code's null embedding). configs/textboost_sd15.py holds the official recipe;
+here the steps are fewer and the adapters' learning rate higher so random weights visibly move.
+Nothing is downloaded.
 
 Command:
     core-jax train --config configs/textboost_tiny.py --workdir runs/textboost_tiny
@@ -38,6 +42,7 @@ def get_config():
     c.stage1 = stage_config(
         ("textual_inversion", "textboost"), steps=40, batch_size=2, learning_rate=1e-3,
         text_lora_learning_rate=1e-3, weight_decay=1e-2, clip_norm=1.0, lambda_kp=0.1,
+        timestep_sampling="snr_weighted",  # the paper's; the code runs "uniform"
     )
     c.stage2.steps = 0
     c.sample.steps = 20

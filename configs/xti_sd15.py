@@ -5,8 +5,9 @@ What it runs: stage 1 only, `("xti",)` (`core_jax/methods/xti.py`): 16 x 1 vecto
 initialised from the super-category's embedding, caption "a photo of a S*", AdamW 5e-3 (weight
 decay 1e-2, constant), batch 6, 500 steps; no stage 2. The text encoder runs once per layer
 (16 x TI's text cost, small beside the U-Net's). [UNVERIFIED] learning rate and steps: the
-paper's were not found; these are TI's learning rate and a tenth of TI's 5000 steps (the paper:
-XTI "converges faster"); the method's docstring says more.
+paper's were not found; 5e-3 and 500 steps are two reimplementations' (mkshing/prompt-plus-
+pytorch, which cites the paper's section 4.2.2 for the steps, and SeongMon/prompt-plus), TI's
+learning rate and a tenth of TI's 5000 steps; the method's docstring lists what was searched.
 
 Command:
     core-jax train --config configs/xti_sd15.py --workdir runs/dog-xti \\

@@ -28,6 +28,9 @@ STAGE_KEYS = {
     # state split over the devices of its run's data axis when there are several (FSDP-style:
     # 1/n of the bytes per device); "off": every device holds it whole.
     "shard_state": "auto",
+    # How each row's timestep is drawn: "uniform" over [0, T), or "snr_weighted" (TextBoost's
+    # p_t proportional to max_s log SNR(s) - log SNR(t); `core_jax.diffusion`).
+    "timestep_sampling": "uniform",
 }
 # What base_config's stage 1 lists: the weights decide which terms are present (a zero weight
 # drops a term from the program), so TI is this with both CoRe weights and the norm hold off.
@@ -157,6 +160,7 @@ def migrate(saved: dict[str, Any]) -> dict[str, Any]:
     for name, stage in saved.items():
         if name.startswith("stage") and isinstance(stage, dict):
             stage.setdefault("shard_state", STAGE_KEYS["shard_state"])
+            stage.setdefault("timestep_sampling", STAGE_KEYS["timestep_sampling"])
             for method in stage.get("methods", ()):
                 try:
                     defaults = get_method(method).defaults

@@ -1,4 +1,5 @@
-"""Concept images: loading, the shipped examples, CoRe augmentation, and image grids.
+"""Concept images: loading, the shipped examples, CoRe's, Custom Diffusion's and TextBoost's
+augmentations, and image grids.
 
 Pure numpy + PIL. Every random choice comes from a `np.random.Generator`, so a seed fixes the
 output bit for bit.
@@ -425,6 +426,144 @@ def zoom_views_with_time_ids(
         masks.append(mask)
         time_ids.append((*np.shape(images[i % len(images)])[:2], *crop, resolution, resolution))
     return np.stack(views), np.stack(masks), np.asarray(time_ids, np.int32)
+
+
+# TextBoost's paired augmentation (object mode; the code's `paired_augmentation.py`, METHODS.md
+# section 3): three groups, each applied with probability p, and each applied transform's token
+# goes into that view's caption. Within the geometric group one transform is drawn uniformly.
+TEXTBOOST_AUGMENT_P = 0.5  # run_textboost_db.py's --augment_p
+SCALE_RANGE = (0.34, 1.4)  # adjust_scale's factor
+ZOOM_OUT_BELOW, ZOOM_IN_ABOVE = 0.6, 1.2  # the factors that name the zoom
+TRANSLATE_RANGE = (0.15, 0.30)  # horizontal_translate's shift, a share of the width
+CROP_AREA = (0.08, 1.0)  # RandomResizedCrop's defaults (torchvision) [UNVERIFIED: the code's]
+CROP_RATIO = (3 / 4, 4 / 3)
+GEOMETRIC = ("scale", "crop", "translate", "hflip")
+
+
+class PairedView(NamedTuple):
+    """One view of TextBoost's paired augmentation and the augmentation tokens its caption
+    takes, in the order applied ("<hflip>", "<grayscale>", ...)."""
+
+    pixels: np.ndarray  # float32 [R, R, 3] in [-1, 1]
+    tokens: tuple[str, ...]
+
+
+def _square(img: Image.Image, resolution: int) -> np.ndarray:
+    return np.asarray(img.convert("RGB").resize((resolution, resolution),
+                                                Image.Resampling.BILINEAR), np.float32)
+
+
+def _scaled(img: Image.Image, factor: float, resolution: int) -> np.ndarray:
+    """The photo at `factor` times the view's side, centred: on a mid-grey canvas when smaller,
+    its centre cut out when larger. [UNVERIFIED: the code's placement]"""
+    side = max(1, round(factor * resolution))
+    pixels = _square(img, side)
+    canvas = np.full((resolution, resolution, 3), 127.5, np.float32)
+    if side <= resolution:
+        top = (resolution - side) // 2
+        canvas[top:top + side, top:top + side] = pixels
+        return canvas
+    top = (side - resolution) // 2
+    return pixels[top:top + resolution, top:top + resolution]
+
+
+def _random_resized_crop(img: Image.Image, resolution: int, rng: np.random.Generator
+                         ) -> np.ndarray:
+    """torchvision's RandomResizedCrop: a box of a random share of the area and aspect ratio,
+    resized to the view (the whole photo when no box fits in 10 draws)."""
+    width, height = img.size
+    for _ in range(10):
+        area = width * height * rng.uniform(*CROP_AREA)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return _square(img.crop((left, top, left + w, top + h)), resolution)
+    return _square(img, resolution)
+
+
+def _translated(pixels: np.ndarray, shift: int) -> np.ndarray:
+    """The view moved `shift` pixels right (negative: left), the uncovered strip mid grey."""
+    out = np.full_like(pixels, 127.5)
+    if shift >= 0:
+        out[:, shift:] = pixels[:, :pixels.shape[1] - shift]
+    else:
+        out[:, :shift] = pixels[:, -shift:]
+    return out
+
+
+def _collage(pixels: np.ndarray, cells: int) -> np.ndarray:
+    """A square collage: the view shrunk `cells` x `cells` times and tiled."""
+    resolution = pixels.shape[0]
+    side = resolution // cells
+    tile = _square(Image.fromarray(pixels.round().astype(np.uint8)), side)
+    out = np.full_like(pixels, 127.5)
+    for row in range(cells):
+        for col in range(cells):
+            out[row * side:(row + 1) * side, col * side:(col + 1) * side] = tile
+    return out
+
+
+def paired_view(
+    image: Image.Image, resolution: int, rng: np.random.Generator,
+    p: float = TEXTBOOST_AUGMENT_P,
+) -> PairedView:
+    """One view of TextBoost's paired augmentation (object mode) and its tokens:
+    - geometric, with probability p, one of: scale by s ~ U(0.34, 1.4) ("<zoom-out>" below 0.6,
+      "<zoom-in>" above 1.2, no token between), a random resized crop ("<crop>"), a horizontal
+      shift of 15-30 % of the width ("<right>" / "<left>" by its direction), a horizontal flip
+      ("<hflip>");
+    - colour, with probability p: grayscale ("<grayscale>");
+    - other, with probability p: a 2 x 2 or 3 x 3 collage of the view ("<collage>").
+    Every draw is made whether or not used, so a seed's views stay aligned."""
+    img = image.convert("RGB")
+    use_geometric, use_colour, use_other = rng.random(3) < p
+    transform = GEOMETRIC[int(rng.integers(len(GEOMETRIC)))]
+    factor = rng.uniform(*SCALE_RANGE)
+    shift = rng.uniform(*TRANSLATE_RANGE) * (1 if rng.random() < 0.5 else -1)
+    cells = int(rng.integers(2, 4))
+    crop_rng = np.random.default_rng(int(rng.integers(2**63)))  # its draws vary in number
+    tokens: list[str] = []
+    pixels = _square(img, resolution)
+    if use_geometric:
+        if transform == "scale":
+            pixels = _scaled(img, factor, resolution)
+            if factor < ZOOM_OUT_BELOW:
+                tokens.append("<zoom-out>")
+            elif factor > ZOOM_IN_ABOVE:
+                tokens.append("<zoom-in>")
+        elif transform == "crop":
+            pixels = _random_resized_crop(img, resolution, crop_rng)
+            tokens.append("<crop>")
+        elif transform == "translate":
+            pixels = _translated(pixels, round(shift * resolution))
+            tokens.append("<right>" if shift > 0 else "<left>")
+        else:
+            pixels = pixels[:, ::-1]
+            tokens.append("<hflip>")
+    if use_colour:
+        gray = pixels @ np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's "L"
+        pixels = np.repeat(gray[..., None], 3, axis=-1)
+        tokens.append("<grayscale>")
+    if use_other:
+        pixels = _collage(pixels, cells)
+        tokens.append("<collage>")
+    return PairedView(np.ascontiguousarray(pixels / 127.5 - 1.0, np.float32), tuple(tokens))
+
+
+def paired_views(
+    images: Sequence[np.ndarray], num_views: int, resolution: int, seed: int,
+    p: float = TEXTBOOST_AUGMENT_P,
+) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """`num_views` views by `paired_view`, cycling through `images` in order: float32
+    [N, R, R, 3] in [-1, 1] and each view's tokens. The same seed gives the same views."""
+    if not images:
+        raise InputError("No concept images to augment.")
+    rng = np.random.default_rng(seed)
+    pils = [Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB") for image in images]
+    views = [paired_view(pils[i % len(pils)], resolution, rng, p) for i in range(num_views)]
+    return np.stack([v.pixels for v in views]), [v.tokens for v in views]
 
 
 # --------------------------------------------------------------------------------------------

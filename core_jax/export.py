@@ -413,10 +413,16 @@ def load_neti_mapper(path: str | os.PathLike, layers: list[str]) -> tuple[str, d
     return metadata.get("placeholder", ""), mapper
 
 
-def neti_vectors(mapper: dict[str, Any]) -> TimestepVectors:
-    """What `core_jax.sample.generate` takes to draw with a NeTI mapper."""
+def neti_vectors(mapper: dict[str, Any], truncation: int | None = None) -> TimestepVectors:
+    """What `core_jax.sample.generate` takes to draw with a NeTI mapper; `truncation` k keeps
+    only the mapper's first k hidden units (the code's `truncation_idx`; None: all)."""
+    hidden = np.shape(mapper["hidden_1"]["bias"])[-1]
+    if truncation is not None and not 0 <= truncation <= hidden:
+        raise InputError(f"NeTI truncation is {truncation}; give 0..{hidden} (the mapper's "
+                         "hidden units)")
     return TimestepVectors(jax.tree.map(jnp.asarray, mapper), neti_method.timestep_vectors,
-                           neti_method.apply_bypass)
+                           neti_method.apply_bypass,
+                           None if truncation is None else jnp.int32(truncation))
 
 
 def export_concept(

@@ -58,6 +58,9 @@ class TimestepVectors:
     value: Any
     vectors: Any = flax.struct.field(pytree_node=False)
     bypass: Any = flax.struct.field(pytree_node=False, default=None)
+    # NeTI's inference truncation (the code's `truncation_idx`): an int32 scalar k, the mapper's
+    # hidden units from k on zeroed; None: none. An argument, so each k reuses the program.
+    truncation: Any = None
 
 
 def join_layers(contexts: jax.Array) -> jax.Array:

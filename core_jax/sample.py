@@ -87,6 +87,11 @@ class Pipeline:
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
     text_2_params: Params | None = None
+    # The text encoder's weights for classifier-free guidance's unconditional (empty) prompt;
+    # None: `text_params`. A run that adapts the encoder (TextBoost) sets the frozen encoder's,
+    # as the official code's precomputed null embedding keeps the unconditional branch at the
+    # base model's.
+    null_text_params: Params | None = None
     _encode_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
     _sample_fn: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False)
 
@@ -117,6 +122,8 @@ class Pipeline:
         params = {"text": self.text_params, "unet": self.unet_params, "vae": self.vae_params}
         if self.is_sdxl:
             params["text_2"] = self.text_2_params
+        if self.null_text_params is not None:
+            params["text_null"] = self.null_text_params
         return params
 
     @property
@@ -183,12 +190,12 @@ def _sample(
             raise ValueError("per-layer vectors need one text encoder (SD 1.x/2.x)")
         context = encode_per_layer(text_encoder, params["text"], ids, learned, (mask, slot))
         cond = jnp.repeat(context[:, 1:], images_per_prompt, axis=1)  # [L, N k, T, D]
-        uncond = jnp.broadcast_to(context[:, :1], cond.shape)
+        null = _null_context(text_encoder, params, ids, mask, slot, learned[0])
+        uncond = jnp.broadcast_to(context[:, :1] if null is None else null, cond.shape)
     elif text_encoder_2 is None:
-        # The unconditional prompt rides along in the same text-encoder call.
-        context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
-        cond = jnp.repeat(context[1:], images_per_prompt, axis=0)
-        uncond = jnp.broadcast_to(context[:1], cond.shape)
+        null_context, context = guidance_contexts(text_encoder, params, ids, mask, slot, learned)
+        cond = jnp.repeat(context, images_per_prompt, axis=0)
+        uncond = jnp.broadcast_to(null_context, cond.shape)
     else:
         context, pooled = encode_sdxl_with_learned(
             text_encoder, text_encoder_2, params, ids[1:], ids_2[1:], learned,
@@ -213,6 +220,36 @@ def _sample(
     shape = (cond.shape[-3], *latent_hw, unet.config.in_channels)
     return _draw(unet, vae, params, schedule, model_fn, shape, key, guidance_scale,
                  num_inference_steps, sampler, eta, decode)
+
+
+def _null_context(
+    text_encoder: CLIPTextModel, params: Params, ids: jax.Array, mask: jax.Array,
+    slot: jax.Array, learned: jax.Array,
+) -> jax.Array | None:
+    """Row 0 (the unconditional prompt) encoded [1, T, D] by `params["text_null"]`, the
+    pipeline's `null_text_params`; None where it has none. It holds no placeholder, so the
+    learned vectors [V, D] change nothing."""
+    if "text_null" not in params:
+        return None
+    return encode_with_learned(text_encoder, params["text_null"], ids[:1], learned,
+                               (mask[:1], slot[:1]))
+
+
+def guidance_contexts(
+    text_encoder: CLIPTextModel, params: Params, ids: jax.Array, mask: jax.Array,
+    slot: jax.Array, learned: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """SD 1.x/2.x's two halves of guidance: the unconditional prompt's (row 0 of ids [1 + N, T])
+    context [1, T, D] and the N prompts' [N, T, D]. The prompts go through `params["text"]`;
+    the unconditional prompt rides along in that call unless `params["text_null"]` (the
+    pipeline's `null_text_params`, TextBoost's frozen encoder) encodes it."""
+    null = _null_context(text_encoder, params, ids, mask, slot, learned)
+    if null is None:
+        context = encode_with_learned(text_encoder, params["text"], ids, learned, (mask, slot))
+        return context[:1], context[1:]
+    context = encode_with_learned(text_encoder, params["text"], ids[1:], learned,
+                                  (mask[1:], slot[1:]))
+    return null, context
 
 
 def _draw(
@@ -253,10 +290,14 @@ def _sample_timed(
     """`_sample` with vectors of the timestep: at each step the mapper gives S*'s vectors
     [L, V, D] (and bypass vectors) for that step's timestep and the prompts are encoded per
     layer; no nested dropout."""
+    if "text_null" in params:
+        raise ValueError("a separate encoder for the unconditional prompt with vectors of the "
+                         "timestep (NeTI) is not built")
     layers = cross_attention_layers(unet)
 
     def contexts(t: jax.Array) -> jax.Array:  # -> [2 N k, K, T, D], unconditional half first
-        vectors, bypass = learned.vectors(learned.value, t[:1], None)  # [1, L, V, D] each
+        truncation = {} if learned.truncation is None else {"truncation": learned.truncation}
+        vectors, bypass = learned.vectors(learned.value, t[:1], None, **truncation)  # [1,L,V,D]
         rows = ids.shape[0]
         spread = lambda a: None if a is None else jnp.broadcast_to(  # noqa: E731
             a, (rows,) + a.shape[1:])

@@ -154,6 +154,31 @@ def test_timestep_vectors_shapes_dropout_and_timestep_dependence():
     np.testing.assert_array_equal(np.asarray(again), np.asarray(dropped))
 
 
+def test_inference_truncation_keeps_the_first_k_hidden_units():
+    """The code's `truncation_idx` at sampling: k = H equals no truncation; at k the vectors are
+    the numpy mapper's with hidden units k.. zeroed, at every layer."""
+    value = _mapper(seed=5)
+    t = jnp.asarray([417, 60])
+    hidden = value["hidden_1"]["bias"].shape[-1]
+    plain = neti.timestep_vectors(value, t, None)
+    full = neti.timestep_vectors(value, t, None, truncation=jnp.int32(hidden))
+    chex.assert_trees_all_equal(full, plain)
+    k = 37
+    vectors, bypass = jax.jit(neti.timestep_vectors)(value, t, None, jnp.int32(k))
+    layers = np.asarray(value["constants"]["layers"])
+    for r in range(2):
+        for layer in range(NUM_LAYERS):
+            want_token, want_bypass = _np_forward(value, int(t[r]), float(layers[layer]), k)
+            np.testing.assert_allclose(np.asarray(vectors[r, layer, 0]), want_token, rtol=2e-4,
+                                       atol=2e-5)
+            np.testing.assert_allclose(np.asarray(bypass[r, layer, 0]), want_bypass, rtol=2e-4,
+                                       atol=2e-5)
+    assert np.abs(np.asarray(vectors - plain[0])).max() > 1e-3
+    keys = jax.random.key_data(jax.random.split(jax.random.key(1), 2))
+    with pytest.raises(ValueError, match="truncation is for sampling"):
+        neti.timestep_vectors(value, t, keys, truncation=jnp.int32(k))
+
+
 def test_mapper_gradients_jit_and_vmap():
     value = _mapper(seed=4, hidden=16, num_time_anchors=2, num_frequencies=8)
     trained = {k: v for k, v in value.items() if k != "constants"}
@@ -395,6 +420,14 @@ def test_mapper_export_round_trips_and_the_sampler_draws_with_it(tmp_path):
     other = neti.init_mapper(jax.random.key(8), norm, num_layers=len(layers),
                              width=pipeline.embed_dim)
     assert np.any(generate(pipeline, prompts, export.neti_vectors(other), **kwargs) != in_memory)
+    # `core-jax sample --neti_truncation K`: all 128 hidden units draw the same image; 4 of
+    # them another; more than the mapper has is refused.
+    np.testing.assert_array_equal(
+        generate(pipeline, prompts, export.neti_vectors(loaded, 128), **kwargs), in_memory)
+    assert np.any(generate(pipeline, prompts, export.neti_vectors(loaded, 4), **kwargs)
+                  != in_memory)
+    with pytest.raises(InputError, match="NeTI truncation is 129"):
+        export.neti_vectors(loaded, 129)
 
 
 # --- End to end --------------------------------------------------------------------------------
@@ -449,3 +482,10 @@ def test_core_jax_train_with_neti_tiny_exports_the_mapper(tmp_path):
     grid = sample_run(workdir, ["a S* in the jungle"], num_images=1, steps=2, sampler=None,
                       guidance_scale=None, seed=0, out=tmp_path / "grid.png", say=lambda _: None)
     assert grid.is_file()
+    # `core-jax sample --neti_truncation 8`: the mapper's first 8 hidden units, another image.
+    truncated = sample_run(workdir, ["a S* in the jungle"], num_images=1, steps=2, sampler=None,
+                           guidance_scale=None, seed=0, out=tmp_path / "truncated.png",
+                           neti_truncation=8, say=lambda _: None)
+    from PIL import Image
+
+    assert np.any(np.asarray(Image.open(truncated)) != np.asarray(Image.open(grid)))

@@ -8,6 +8,7 @@ equal each alone; `core-jax train` with configs/textboost_tiny.py end to end.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -122,6 +123,147 @@ def test_prior_prompts_and_their_draws():
     assert 0.07 < np.mean(drawn == empty) < 0.13
     assert 0.07 < np.mean(classes[drawn[0]]) < 0.13
     assert not np.array_equal(drawn[0], drawn[1])  # each concept its own draws
+
+
+def test_snr_weighted_timesteps_are_the_codes_distribution():
+    """w_t = max_s log SNR(s) - log SNR(t), p_t = w_t / sum w_t (train_textboost.py), against a
+    numpy writing; a stage with timestep_sampling "snr_weighted" draws its rows' timesteps by
+    p_t (a histogram over 10 bins within 3 standard errors); "uniform" stays the default."""
+    from core_jax.config import stage_config
+    from core_jax.diffusion import make_schedule, snr_weighted_timestep_probabilities
+    from core_jax.errors import InputError
+    from core_jax.train.passes import timestep_probabilities
+    from core_jax.train.stages import check_stage
+
+    schedule = make_schedule()
+    alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+    log_snr = np.log(alpha_bar / (1 - alpha_bar))
+    weights = log_snr.max() - log_snr
+    want = weights / weights.sum()
+    got = np.asarray(snr_weighted_timestep_probabilities(schedule))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+    assert got[0] == 0 and np.all(np.diff(got) > 0)  # more mass on noisier steps
+
+    assert _setup().program.timestep_sampling == "uniform"
+    setup = _setup(timestep_sampling="snr_weighted")
+    assert setup.program.timestep_sampling == "snr_weighted"
+    with pytest.raises(InputError, match="stage1.timestep_sampling is 'sometimes'"):
+        check_stage("stage1", stage_config(("textual_inversion", "textboost"),
+                                           timestep_sampling="sometimes"))
+    probabilities = timestep_probabilities("snr_weighted", setup.schedule)
+    draw = jax.jit(lambda step: draw_batch(setup.state.rng, jnp.full((2,), step), setup.data,
+                                           setup.schedule, jnp.arange(1000),
+                                           probabilities).timesteps)
+    drawn = np.concatenate([np.asarray(draw(step)) for step in range(10)])  # 20,000 rows
+    bins = np.arange(0, 1001, 100)
+    counts = np.histogram(drawn, bins)[0]
+    expected = np.add.reduceat(want, bins[:-1]) * drawn.size
+    assert np.all(np.abs(counts - expected) < 3 * np.sqrt(expected) + 1), (counts, expected)
+    uniform = np.asarray(jax.jit(lambda: draw_batch(
+        setup.state.rng, jnp.zeros((2,), jnp.int32), setup.data, setup.schedule,
+        jnp.arange(1000)).timesteps)())
+    assert abs(np.mean(uniform < 500) - 0.5) < 0.03 and np.mean(drawn < 500) < 0.4
+
+
+def test_guidance_unconditional_branch_is_the_frozen_encoders():
+    """With `null_text_params` (what `core-jax sample` and the grids set for a text-adapted
+    run) the unconditional context is the frozen encoder's empty prompt and the conditional one
+    the adapted encoder's; without it both go through the adapted encoder."""
+    from core_jax.sample import _prompt_arrays, guidance_contexts, random_pipeline
+    from core_jax.text import encode_with_learned
+
+    pipeline = random_pipeline("micro")
+    frozen = pipeline.text_params
+    adapters = _moved(init_text_adapters(frozen, 4, 4.0, ("q_proj", "k_proj", "v_proj"),
+                                         jax.random.key(2)), 3)
+    adapted = merge(frozen, adapters)
+    ids, mask, slot, learned = _prompt_arrays(
+        pipeline, ["", "a photo of a <s*>"], np.full((1, pipeline.embed_dim), 0.3, np.float32))
+
+    def encode(params, row):
+        return np.asarray(pipeline.text_encoder.apply({"params": params},
+                                                      jnp.asarray(ids[row:row + 1]))
+                          .last_hidden_state)
+
+    contexts = jax.jit(functools.partial(guidance_contexts, pipeline.text_encoder))
+    uncond, cond = contexts({"text": adapted, "text_null": frozen}, ids, mask, slot, learned)
+    np.testing.assert_allclose(uncond, encode(frozen, 0), atol=1e-5)
+    assert np.abs(encode(adapted, 0) - encode(frozen, 0)).max() > 1e-3  # the branch matters
+    assert np.abs(np.asarray(uncond) - encode(adapted, 0)).max() > 1e-3
+    plain_uncond, plain_cond = contexts({"text": adapted}, ids, mask, slot, learned)
+    want_cond = encode_with_learned(pipeline.text_encoder, adapted, ids[1:], learned,
+                                    (mask[1:], slot[1:]))
+    # S*'s rows of encode_with_learned differ by up to ~1e-3 between batch sizes and jit or not
+    # here (the frozen encoder's too; measured), so the prompts' rows are compared to 2e-3.
+    np.testing.assert_allclose(cond, want_cond, atol=2e-3)  # the adapted encoder's
+    np.testing.assert_allclose(cond, plain_cond, atol=2e-3)
+    np.testing.assert_allclose(plain_uncond, encode(adapted, 0), atol=1e-5)
+    _, frozen_cond = contexts({"text": frozen}, ids, mask, slot, learned)
+    assert np.abs(np.asarray(cond) - np.asarray(frozen_cond)).max() > 1e-3
+    pipeline.null_text_params = frozen
+    assert pipeline.params["text_null"] is frozen
+
+
+def test_paired_augmentation_tokens_match_the_views():
+    """Each view's tokens name what was done to it: a lone "<hflip>" is the plain view
+    mirrored, "<left>"/"<right>" the plain view shifted that way with a grey strip, "<zoom-out>"
+    the photo small on a grey canvas, "<grayscale>" equal channels, "<collage>" a tiled view;
+    every token and no other turns up at p 0.5; the same seed gives the same views; the
+    caption's ids hold exactly the view's tokens' ids, one per vector of its init word."""
+    from core_jax.data import paired_views
+    from core_jax.methods.textboost import (
+        AUGMENTATION_TOKENS,
+        add_augmentation_tokens,
+        augmented_caption,
+    )
+    from core_jax.text import load_tokenizer, tokenize
+
+    size = 32
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    photo = np.stack([8 * x, 8 * y, 255 - 4 * (x + y)], -1).clip(0, 255).astype(np.uint8)
+    plain = photo.astype(np.float32) / 127.5 - 1
+    views, tokens = paired_views([photo], 600, size, seed=3)
+    again, tokens_again = paired_views([photo], 600, size, seed=3)
+    np.testing.assert_array_equal(views, again)
+    assert tokens == tokens_again
+    seen = {t for ts in tokens for t in ts}
+    assert seen == set(AUGMENTATION_TOKENS), seen
+    for alone in ("<hflip>", "<left>", "<right>", "<zoom-out>"):  # the cases checked below
+        assert (alone,) in tokens
+    grey = 0.0  # mid grey in [-1, 1]
+    for view, ts in zip(views, tokens, strict=True):
+        equal_channels = np.allclose(view[..., 0], view[..., 1], atol=1e-5)
+        assert equal_channels == ("<grayscale>" in ts), ts
+        if "<collage>" in ts:  # a 2 x 2 or 3 x 3 tiling: the first tile repeats to its right
+            assert any(np.allclose(view[:size // k, :size // k],
+                                   view[:size // k, size // k:2 * (size // k)], atol=1e-5)
+                       for k in (2, 3)), ts
+        if ts == ("<hflip>",):
+            np.testing.assert_allclose(view, plain[:, ::-1], atol=1e-5)
+        if ts in (("<left>",), ("<right>",)):
+            columns = np.flatnonzero(np.all(np.abs(view - grey) < 1e-6, axis=(0, 2)))
+            assert 0.15 * size - 1 <= len(columns) <= 0.30 * size + 1
+            shift = len(columns) if ts == ("<right>",) else -len(columns)
+            kept = slice(shift, None) if shift > 0 else slice(None, shift)
+            source = slice(None, -shift) if shift > 0 else slice(-shift, None)
+            np.testing.assert_allclose(view[:, kept], plain[:, source], atol=1e-5)
+            assert (columns[0] == 0) == (ts == ("<right>",))
+        if ts == ("<zoom-out>",):  # at most 0.6 of the side: the corners are canvas
+            assert np.all(np.abs(view[:size // 5, :size // 5] - grey) < 1e-6)
+
+    tokenizer = load_tokenizer()
+    added = add_augmentation_tokens(tokenizer)
+    vectors = {t: len(ids) for t, (ids, _) in added.items()}
+    for token, (ids, init_ids) in added.items():
+        assert len(ids) == len(init_ids) == len(tokenizer.encode(AUGMENTATION_TOKENS[token],
+                                                                 add_special_tokens=False))
+    assert vectors["<zoom-in>"] == 2 and vectors["<grayscale>"] >= 1
+    every = {i for ids, _ in added.values() for i in ids}
+    for ts in tokens[:40]:
+        caption = augmented_caption("a photo of a <s*>", ts, vectors)
+        ids = set(tokenize(tokenizer, [caption])[0].tolist())
+        want = {i for t in ts for i in added[t][0]}
+        assert ids & every == want, (caption, ts)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """core-jax sample --workdir DIR --prompt "a S* in the jungle" [--prompt ...] [--num_images 4]
-[--tto]"""
+[--tto] [--neti_truncation K]"""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ _TTO = flags.DEFINE_bool(
     "vectors, from the same noise")
 _TTO_STEPS = flags.DEFINE_integer("tto_steps", 10, "test-time optimization steps (paper: 10)")
 _TTO_LR = flags.DEFINE_float("tto_lr", 5e-4, "test-time optimization learning rate (paper: 5e-4)")
+_NETI_TRUNCATION = flags.DEFINE_integer(
+    "neti_truncation", None, "a NeTI run: keep only the mapper's first K hidden units (the "
+    "official code's truncation_idx; nested dropout trained it for this); default: all")
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/sample_<time>.png)")
 flags.mark_flags_as_required(["workdir", "prompt"])
 
@@ -42,5 +45,6 @@ def main(argv: list[str]) -> None:
         seed=_SEED.value, use_stage2_unet=not _BASE_UNET.value,
         out=Path(_OUT.value) if _OUT.value else None,
         tto_steps=_TTO_STEPS.value if _TTO.value else 0, tto_learning_rate=_TTO_LR.value,
+        neti_truncation=_NETI_TRUNCATION.value,
     )
     print(f"wrote {path}")

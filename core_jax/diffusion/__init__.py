@@ -13,6 +13,7 @@ from core_jax.diffusion.samplers import (
     sample,
 )
 from core_jax.diffusion.schedule import (
+    TIMESTEP_SAMPLING,
     NoiseSchedule,
     add_noise,
     denoised,
@@ -21,11 +22,13 @@ from core_jax.diffusion.schedule import (
     sample_timesteps,
     schedule_from_config,
     snr,
+    snr_weighted_timestep_probabilities,
     training_target,
 )
 
 __all__ = [
     "SAMPLERS",
+    "TIMESTEP_SAMPLING",
     "ModelFn",
     "NoiseSchedule",
     "add_noise",
@@ -41,5 +44,6 @@ __all__ = [
     "sample_timesteps",
     "schedule_from_config",
     "snr",
+    "snr_weighted_timestep_probabilities",
     "training_target",
 ]

@@ -184,6 +184,19 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     return alpha_bar / (1.0 - alpha_bar)
 
 
+def snr_weighted_timestep_probabilities(schedule: NoiseSchedule) -> jax.Array:
+    """TextBoost's timestep distribution ``[T]`` float32: with ``lambda_t = log SNR(t)``,
+    ``w_t = max_s lambda_s - lambda_t`` and ``p_t = w_t / sum_s w_t``. The weight grows as the
+    SNR falls, so noisy steps (where the text matters most) are drawn more often; the cleanest
+    step (the largest SNR) gets 0."""
+    log_snr = jnp.log(snr(schedule, jnp.arange(schedule.num_train_timesteps)))
+    weights = jnp.max(log_snr) - log_snr
+    return weights / jnp.sum(weights)
+
+
+TIMESTEP_SAMPLING = ("uniform", "snr_weighted")  # a stage's `timestep_sampling`
+
+
 def sample_timesteps(key: jax.Array, batch: int, schedule: NoiseSchedule) -> jax.Array:
     """``[batch]`` int32 timesteps drawn uniformly from ``[0, T)``."""
     return jax.random.randint(key, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)

@@ -113,7 +113,9 @@ class ParamGroup:
     # pass encodes per row and per layer and row r's layer k reads encoding (r, k); with bypass
     # vectors, layer k's values read a second encoding whose S* states before the final layer
     # norm went through `bypass` (the keys read the first). None: no timestep-dependent vectors.
-    timestep_vectors: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    # When sampling it may also take `truncation=k` (NeTI's `truncation_idx`,
+    # `core_jax.layer_contexts.TimestepVectors.truncation`).
+    timestep_vectors: Callable[..., tuple[Any, Any]] | None = None
     # (S*'s encoder states before the final layer norm [..., D], bypass vectors [..., D]) ->
     # the states the values' encoding takes there. Required where `timestep_vectors` gives
     # bypass vectors.

@@ -25,7 +25,10 @@ Read from the official code (github.com/NeuralTextualInversion/NeTI at 28edf30:
   them) before the output layer. The code draws that coin once per call, i.e. per layer for
   the micro-batch's rows; here it is drawn per (row, layer), so a row's randomness depends on
   its own key alone and any split of rows over devices draws the same numbers. At sampling no
-  truncation (the code's default `truncation_idx=None`).
+  truncation by default (the code's `truncation_idx=None`); `core-jax sample
+  --neti_truncation K` zeroes units K.. at every step and layer, as the code's inference-time
+  `truncation_idx` (read in a NeTI-derived mapper's `apply_nested_dropout`; NeTI's own file not
+  fetched here), trading fidelity for editability.
 - Textual bypass (the second half b of the output): added to S*'s position of the text
   encoder's last hidden state BEFORE the final layer norm, h <- h + 0.2 (b / ||b||) ||h||, and
   only the cross-attention VALUES read that encoding; the keys read the encoding without it
@@ -203,13 +206,21 @@ def nested_dropout_keep(key: jax.Array, probability: jax.Array, hidden: int) -> 
 
 
 def timestep_vectors(
-    value: Mapping[str, Any], timesteps: jax.Array, row_keys: jax.Array | None
+    value: Mapping[str, Any], timesteps: jax.Array, row_keys: jax.Array | None,
+    truncation: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """S*'s vectors [b, L, 1, D] and bypass vectors [b, L, 1, D] (or None) for each row's
     timestep [b] at every layer; `row_keys` [b, 2] (raw) draw nested dropout per (row, layer),
-    None: none (sampling)."""
+    None: none (sampling). `truncation` (sampling only, an int scalar k): the code's
+    `truncation_idx`, the hidden representation's units from k on zeroed at every (row,
+    layer), as nested dropout trained the mapper to allow (k = H: no truncation)."""
     layers = jax.lax.stop_gradient(value["constants"]["layers"])  # [L]
     keep = None
+    if truncation is not None:
+        if row_keys is not None:
+            raise ValueError("truncation is for sampling; training draws nested dropout")
+        keep = jnp.broadcast_to(jnp.asarray(truncation, jnp.int32),
+                                (timesteps.shape[0], layers.shape[0]))
     if row_keys is not None:
         hidden = value["hidden_1"]["bias"].shape[-1]
         probability = jax.lax.stop_gradient(value["constants"]["dropout"])

@@ -21,13 +21,42 @@ paper's method (`configs/textboost_sd15.py`). The numbers are the official code'
 The adapters are per run ([C, ...]); each run's prompts go through its own adapted encoder
 (vmapped over packed runs), the frozen encoder stays one shared copy.
 
-Not built (the code's, left out here): the augmentation tokens (`<grayscale>`, `<zoom-in>`, ...,
-with the paired augmentation inserting them into the caption), the precomputed null embedding
-that keeps classifier-free guidance's unconditional branch at the frozen encoder (here the
-unconditional branch goes through the adapted encoder too), and the SNR-weighted timestep
-sampling, which the released script never reaches (`--disable_weighted_sample` defaults to
-True). With `core`, y_cat's encodings stay the frozen encoder's (CoRe's targets are computed
-once, before training). SD 1.x/2.x only.
+Timestep sampling (the stage's `timestep_sampling`, a key of every stage): "uniform" is the
+default and what the released code runs (`train_textboost.py`'s `--disable_weighted_sample` is
+`store_true` with default True, so its weighted branch is never reached from the command line);
+"snr_weighted" is the paper's SNR-weighted sampling as the code writes it: with
+lambda_t = log SNR(t), w_t = max_s lambda_s - lambda_t, p_t = w_t / sum_s w_t and
+t ~ Categorical(p_t) (`core_jax.diffusion.snr_weighted_timestep_probabilities`; noisier steps
+more often, the cleanest step never). [UNVERIFIED] that the paper's formula is this one: its
+text was not reachable here (its abstract and reviews say only "SNR-weighted sampling", biased
+towards low SNR); the formula is the code's.
+
+Classifier-free guidance's unconditional branch: the code replaces the encoding of the empty
+prompt by a precomputed null embedding, the frozen encoder's. Here every sampler path of a run
+with text-encoder adapters (`core-jax sample`, the training grids) gives the pipeline the frozen
+encoder as `null_text_params` (`core_jax.sample.guidance_contexts`), so the unconditional
+branch is the base model's and only the prompts go through the adapted encoder.
+
+Augmentation tokens, built in part: the paired augmentation (`core_jax.data.paired_view`,
+object mode: geometric {scale 0.34-1.4 naming <zoom-out> below 0.6 and <zoom-in> above 1.2,
+random resized crop <crop>, horizontal shift of 15-30 % <left>/<right>, flip <hflip>}, colour
+{<grayscale>}, other {2x2 / 3x3 collage <collage>}, each group with probability p, 0.5 as
+run_textboost_db.py's `--augment_p`), the tokens with their init words (`AUGMENTATION_TOKENS`,
+`add_augmentation_tokens`: "zoom in", "far away" and "photo collage" give two vectors each) and
+the caption that names a view's tokens (`augmented_caption`). NOT built: wiring them into
+training. That needs `data.augmentation = "textboost"` to build the view pool with
+`paired_views`, each view's caption ids in the concept data, the tokens' vectors as a trained
+group (initialised from the init words), the caption pass encoding each row's own caption
+(today one caption per concept, [C, T]) and the U-Net taking a context per row. Until then a
+TextBoost run trains on CoRe's augmentation with the plain caption. [UNVERIFIED] details of the
+code not read here: how one geometric transform is picked (here uniformly), where the scaled
+photo sits on its canvas (here centred), the crop's ranges (here torchvision's defaults) and
+where the tokens go in the caption (here after it). The code's quirk that the shift writes
+"<left_0> <left_1> <left_2>" / "<right_0> <right_0> <right_0>" is not copied: each token is
+written as all its own vectors.
+
+With `core`, y_cat's encodings stay the frozen encoder's (CoRe's targets are computed once,
+before training). SD 1.x/2.x only.
 
 Exports: `pytorch_lora_weights.safetensors` with diffusers' text-encoder names
 (`text_encoder.<module>.lora_A.weight`), which `load_lora_weights` reads into a pipeline's text
@@ -53,8 +82,34 @@ from core_jax.methods.lora import (
     merge,
     target_paths,
 )
+from core_jax.text import add_placeholder_tokens, placeholder_string
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
+# The augmentation tokens (object mode) and the words their vectors start at (the code's
+# `add_augmentation_tokens`): a word of several tokens gives the token as many vectors.
+AUGMENTATION_TOKENS = {
+    "<grayscale>": "grayscale", "<zoom-in>": "zoom in", "<zoom-out>": "far away",
+    "<collage>": "photo collage", "<crop>": "crop", "<hflip>": "ktn", "<left>": "pll",
+    "<right>": "ucd",
+}
+
+
+def add_augmentation_tokens(tokenizer: Any) -> dict[str, tuple[list[int], list[int]]]:
+    """Adds each augmentation token to `tokenizer` (in place) with as many vectors as its init
+    word has tokens: token -> (its ids, the init word's ids, one per vector)."""
+    added = {}
+    for token, word in AUGMENTATION_TOKENS.items():
+        init_ids = tokenizer.encode(word, add_special_tokens=False)
+        added[token] = (add_placeholder_tokens(tokenizer, token, len(init_ids)), init_ids)
+    return added
+
+
+def augmented_caption(caption: str, tokens: tuple[str, ...], vectors: Mapping[str, int]) -> str:
+    """`caption` with a view's augmentation tokens after it, each written out as all its
+    vectors' tokens ("<zoom-in> <zoom-in>_1"); `vectors`: token -> its number of vectors.
+    [UNVERIFIED] where the code puts them in the caption."""
+    return " ".join([caption] + [placeholder_string(t, vectors[t]) for t in tokens])
+
 DEFAULTS = {
     "lambda_kp": 0.1,
     "text_lora_rank": 4,

@@ -33,11 +33,16 @@ them (or their mean) L_emb should match is a new method, not XTI. Train XTI and 
 separate runs: a sweep's `settings` put them in one sweep, each method set its own group and
 compiled program (`configs/xti_tiny.py` says how).
 
-Keys (stage config): `learning_rate`, the vectors'. [UNVERIFIED] The paper's learning rate,
-batch and steps were not found by the search tools available here (only its abstract: XTI
-"converges faster than TI"). The configs use TI's: learning rate 5e-3 (CoRe's stage 1, and
-diffusers' TI example's 5e-4 scaled by its batch of 4 x 2.5), AdamW, constant; 500 steps,
-a tenth of TI's 5000 (rinongal/textual_inversion's README) because XTI converges faster.
+Keys (stage config): `learning_rate`, the vectors'. [UNVERIFIED] The paper's own learning
+rate, batch and steps were not found: searched (2026-12) the docs, pages and code corpora for
+the paper's text (only abstracts and summaries: XTI "converges faster than TI"), the project
+page and diffusers' examples (no P+ script). Two reimplementations agree with the values used
+here, and neither is the authors': mkshing/prompt-plus-pytorch's README trains with lr 5e-3,
+constant, 500 steps, batch 1 x 8 accumulated, and says its hyper-parameters are TI's "except
+the number of training steps as the paper said in section 4.2.2" (the section itself not
+read); SeongMon/prompt-plus (built on it) uses lr 5e-3, 500 steps, batch 8. So: learning rate
+5e-3 (also CoRe's stage 1, and diffusers' TI example's 5e-4 scaled by its batch of 4 x 2.5),
+AdamW, constant; 500 steps (a tenth of TI's 5000, rinongal/textual_inversion's README).
 SD 1.x/2.x only: SDXL (two text encoders, pooled embeddings) is refused in one line.
 """
 
@@ -54,8 +59,8 @@ from core_jax.methods.base import Hook, Method, ParamGroup, Settings, Term
 from core_jax.methods.diffusion_term import DEFAULTS, diffusion_term
 
 GROUP = "xti"
-LEARNING_RATE = 5e-3  # [UNVERIFIED] for XTI: TI's (see the module docstring)
-STEPS = 500  # [UNVERIFIED] for XTI: a tenth of TI's 5000
+LEARNING_RATE = 5e-3  # [UNVERIFIED] for XTI: two reimplementations' (the module docstring)
+STEPS = 500  # [UNVERIFIED] for XTI: the reimplementations', a tenth of TI's 5000
 # The shared computations that hold y*'s or the caption's one encoding, or S*'s one vector:
 # under XTI there are L of them, so no other method's term may read them.
 SINGLE_VECTOR_INPUTS = frozenset(
@@ -120,7 +125,8 @@ METHOD = Method(
     name="xti",
     summary="learn S*'s vectors per cross-attention layer with the diffusion loss (XTI, P+)",
     defaults=DEFAULTS,
-    source="arXiv 2303.09522 (per-layer tokens); lr and steps [UNVERIFIED]: TI's (METHODS.md 5)",
+    source="arXiv 2303.09522 (per-layer tokens); lr and steps [UNVERIFIED]: reimplementations' "
+           "(mkshing/prompt-plus-pytorch; METHODS.md 5)",
     trains={GROUP: "learning_rate"},
     groups={GROUP: XTI},
     terms=_terms,

@@ -49,6 +49,7 @@ from core_jax.train.passes import (
     merged_text,
     merged_unet,
     run_vectors,
+    text_groups,
     with_shared,
 )
 from core_jax.train.profile import StepProfiler
@@ -491,6 +492,9 @@ def _sample_grids(
         params = local_slice({g: state.params[g] for g in state.params}, c)
         pipeline.unet_params = merged_unet(params, base_unet)  # same shapes: compiled once
         pipeline.text_params = merged_text(params, base_text)
+        # An adapted encoder (TextBoost) leaves guidance's unconditional branch to the frozen
+        # one (the code's null embedding).
+        pipeline.null_text_params = base_text if text_groups(params) else None
         s = run.config.sample
         prompts = [fill_prompt(p, group.text, run.config.concept.super_category)
                    for p in s.prompts]
@@ -503,6 +507,7 @@ def _sample_grids(
                                nrow=s.images_per_prompt * 2)
         logs[run.name].image(f"samples/{stage}", step, _read_png(path))
     pipeline.unet_params, pipeline.text_params = base_unet, base_text
+    pipeline.null_text_params = None
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -90,20 +90,26 @@ def sample_run(
     out: Path | None = None,
     tto_steps: int = 0,
     tto_learning_rate: float = tto.DEFAULT_LEARNING_RATE,
+    neti_truncation: int | None = None,
     say: Callable[[str], None] = print,
 ) -> Path:
     """Images of the run's concept for `prompts`, as one PNG grid (a row per prompt).
 
     With `tto_steps` > 0, CoRe's test-time optimization (`core_jax.tto`) adapts the vectors to
     each prompt first and saves them as WORKDIR/tto/<prompt>.safetensors; each prompt then has
-    two rows drawn from the same noise: with the trained vectors, then with the adapted ones."""
+    two rows drawn from the same noise: with the trained vectors, then with the adapted ones.
+    `neti_truncation` k (a NeTI run): the mapper keeps its first k hidden units (the code's
+    `truncation_idx`)."""
     config = load_run_config(workdir)
+    if neti_truncation is not None and not (workdir / export.NETI_NAME).is_file():
+        raise InputError("--neti_truncation is for a NeTI run (a mapper in "
+                         f"{export.NETI_NAME}); {workdir} has none")
     models = run_setup.load_models(config)
     embeds_path = workdir / "learned_embeds.safetensors"
     if (workdir / export.NETI_NAME).is_file():  # a mapper of the timestep (NeTI)
         _, mapper = export.load_neti_mapper(workdir / export.NETI_NAME,
                                             list(cross_attention_layers(models.unet)))
-        learned = export.neti_vectors(mapper)
+        learned = export.neti_vectors(mapper, neti_truncation)
     elif (workdir / export.XTI_NAME).is_file():  # vectors per cross-attention layer
         _, learned = export.load_xti_embeds(workdir / export.XTI_NAME,
                                             list(cross_attention_layers(models.unet)))
@@ -137,6 +143,9 @@ def sample_run(
         # Text-encoder adapters (TextBoost) live in the checkpoint too.
         params = checkpoint_params(latest_checkpoint(workdir)[1], config)
         pipeline.text_params = jax.device_get(merged_text(params, models.params["text"]))
+        # Guidance's unconditional branch stays the frozen encoder's (TextBoost's null
+        # embedding).
+        pipeline.null_text_params = models.params["text"]
     expanded = [expand_placeholder(p, config.concept.placeholder) for p in prompts]
 
     def draw(prompts: list[str], vectors: np.ndarray) -> np.ndarray:

@@ -61,7 +61,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from core_jax.diffusion import NoiseSchedule, add_noise, denoised, snr, training_target
+from core_jax.diffusion import (
+    TIMESTEP_SAMPLING,
+    NoiseSchedule,
+    add_noise,
+    denoised,
+    snr,
+    snr_weighted_timestep_probabilities,
+    training_target,
+)
 from core_jax.layer_contexts import (
     TimestepVectors,
     cross_attention_layers,
@@ -146,16 +154,23 @@ _GROUP_SALT = 0x47525550  # "GRUP": a row's stream for parameter groups
 
 
 def _row_noise(
-    key: jax.Array, rows: jax.Array, pool_size: int, latent_shape: tuple[int, ...], num_t: int
+    key: jax.Array, rows: jax.Array, pool_size: int, latent_shape: tuple[int, ...], num_t: int,
+    timestep_probabilities: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(view index, latent eps, timestep, diffusion noise) for global row indices rows [b_l]."""
+    """(view index, latent eps, timestep, diffusion noise) for global row indices rows [b_l];
+    timesteps uniform, or drawn by `timestep_probabilities` [num_t] where given."""
+
+    def timestep(k: jax.Array) -> jax.Array:
+        if timestep_probabilities is None:
+            return jax.random.randint(k, (), 0, num_t)
+        return jax.random.choice(k, num_t, p=timestep_probabilities).astype(jnp.int32)
 
     def one(row: jax.Array) -> tuple[jax.Array, ...]:
         k_view, k_latent, k_t, k_noise = jax.random.split(jax.random.fold_in(key, row), 4)
         return (
             jax.random.randint(k_view, (), 0, pool_size),
             jax.random.normal(k_latent, latent_shape),
-            jax.random.randint(k_t, (), 0, num_t),
+            timestep(k_t),
             jax.random.normal(k_noise, latent_shape),
         )
 
@@ -163,17 +178,20 @@ def _row_noise(
 
 
 def draw_batch(
-    rng: jax.Array, step: jax.Array, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array
+    rng: jax.Array, step: jax.Array, data: ConceptData, schedule: NoiseSchedule, rows: jax.Array,
+    timestep_probabilities: jax.Array | None = None,
 ) -> Batch:
     """A step's randomness: per concept from its own key rng [C_l, 2] and step [C_l], per row
     from its global index in `rows` [b_l], so any split over devices draws the same numbers.
     With a class pool, each row also draws a class row (pool index, noise, timestep) from its
-    key folded with a salt."""
+    key folded with a salt. Timesteps (the class rows' too) are uniform, or drawn by
+    `timestep_probabilities` [T] (a stage's `timestep_sampling`, `timestep_probabilities`)."""
     keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(rng, step)
     template_keys, row_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     pool_size, latent_shape = data.latent_mean.shape[1], data.latent_mean.shape[2:]
     view, latent_eps, timesteps, noise = jax.vmap(
-        lambda k: _row_noise(k, rows, pool_size, latent_shape, schedule.num_train_timesteps)
+        lambda k: _row_noise(k, rows, pool_size, latent_shape, schedule.num_train_timesteps,
+                             timestep_probabilities)
     )(row_keys)  # [C_l, b_l], [C_l, b_l, h, w, c], [C_l, b_l], [C_l, b_l, h, w, c]
 
     def take_rows(pool: jax.Array) -> jax.Array:
@@ -199,7 +217,7 @@ def draw_batch(
     class_size = data.class_mean.shape[1]
     view, latent_eps, prior_t, prior_noise = jax.vmap(
         lambda k: _row_noise(jax.random.fold_in(k, _PRIOR_SALT), rows, class_size, latent_shape,
-                             schedule.num_train_timesteps)
+                             schedule.num_train_timesteps, timestep_probabilities)
     )(row_keys)
     prior_x0 = (jax.vmap(lambda p, v: p[v])(data.class_mean, view)
                 + jax.vmap(lambda p, v: p[v])(data.class_std, view) * latent_eps)
@@ -461,6 +479,16 @@ class Passes:
         return [(self.per_concept(pred[k * size:(k + 1) * size]),
                  jax.tree.map(lambda s, k=k: per_concept_stats(s, k), stats))
                 for k in range(n)]
+
+
+def timestep_probabilities(sampling: str, schedule: NoiseSchedule) -> jax.Array | None:
+    """What `draw_batch` draws timesteps by for a stage's `timestep_sampling`: None (uniform) or
+    TextBoost's SNR-weighted distribution [T]."""
+    if sampling == "uniform":
+        return None
+    if sampling == "snr_weighted":
+        return snr_weighted_timestep_probabilities(schedule)
+    raise ValueError(f"timestep_sampling {sampling!r}; choose one of {TIMESTEP_SAMPLING}")
 
 
 def _aligned_stats(stats: jax.Array, index: jax.Array) -> jax.Array:

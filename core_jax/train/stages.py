@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from core_jax.diffusion import TIMESTEP_SAMPLING
 from core_jax.errors import InputError
 from core_jax.methods import METHODS, Method, Settings, Term, get_method, group_of
 from core_jax.train.passes import StepModels, merged_unet, unet_groups
@@ -101,6 +102,9 @@ def check_stage(name: str, stage: ml_collections.ConfigDict) -> None:
             if stage[key] not in allowed:
                 raise InputError(f"{name}.{key} is {stage[key]!r}; choose one of "
                                  f"{', '.join(allowed)}")
+    if stage.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLING:
+        raise InputError(f"{name}.timestep_sampling is {stage.timestep_sampling!r}; choose one "
+                         f"of {', '.join(TIMESTEP_SAMPLING)}")
     if stage.get("shard_state", "auto") not in SHARD_STATE:
         raise InputError(f"{name}.shard_state is {stage.shard_state!r}; choose one of "
                          f"{', '.join(SHARD_STATE)}")
@@ -138,6 +142,7 @@ def build_program(
         clip_norm=first.clip_norm or None,
         shard_groups=tuple(g for g in trains if first.shard_state == "auto"
                            and group_of(g).split_over_data),
+        timestep_sampling=first.get("timestep_sampling", "uniform"),
     )
 
 

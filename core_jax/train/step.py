@@ -31,7 +31,14 @@ from jax.sharding import PartitionSpec as P
 from core_jax.diffusion import NoiseSchedule
 from core_jax.methods import Hook, Settings, Term
 from core_jax.train.parallel import CONCEPT_AXIS, DATA_AXIS, jit_on_mesh, place
-from core_jax.train.passes import Batch, Passes, StepModels, closure, draw_batch
+from core_jax.train.passes import (
+    Batch,
+    Passes,
+    StepModels,
+    closure,
+    draw_batch,
+    timestep_probabilities,
+)
 from core_jax.train.state import ConceptData, TrainState
 
 Numbers = dict[str, jax.Array]  # per-run numbers of the packed concepts, each [C]
@@ -53,6 +60,9 @@ class StageProgram:
     # Trained groups whose parameters and optimizer state split over the `data` axis when it
     # has more than one device (`shard_state`).
     shard_groups: tuple[str, ...] = ()
+    # How each row's timestep is drawn (the stage's `timestep_sampling`): "uniform" or
+    # "snr_weighted" (TextBoost's, `core_jax.diffusion.snr_weighted_timestep_probabilities`).
+    timestep_sampling: str = "uniform"
 
     @functools.cached_property
     def needs(self) -> frozenset[str]:
@@ -154,7 +164,8 @@ def train_step(
     n_data = jax.lax.axis_size(DATA_AXIS)
     b_local = program.batch_size // n_data
     rows = jax.lax.axis_index(DATA_AXIS) * b_local + jnp.arange(b_local)
-    batch = draw_batch(state.rng, state.step, data, schedule, rows)
+    batch = draw_batch(state.rng, state.step, data, schedule, rows,
+                       timestep_probabilities(program.timestep_sampling, schedule))
     trained = {group: state.params[group] for group in program.trains}  # split groups: slices
     split = split or jax.tree.map(lambda _: WHOLE, trained)
     loss_fn = functools.partial(stage_loss, params=state.params, batch=batch, data=data,
