@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import stats
 
 from core_jax.errors import InputError
+from core_jax.eval.stats import holm
 from core_jax.toyworld import benchmark
 from core_jax.toyworld import classifier as attribute_classifier
 from core_jax.toyworld import model as toy_model
@@ -97,11 +98,11 @@ def test_t_interval_matches_the_textbook_formula():
 
 
 def test_summary_pairs_differences_by_concept():
-    # 2 methods x 3 concepts x 2 prompts. Concepts differ a lot, the methods by a constant:
-    # the paired interval of the difference is a point, the unpaired intervals are wide.
-    concept_level = np.array([0.1, 0.5, 0.9])[None, :, None]
-    identity = np.broadcast_to(concept_level, (2, 3, 2)).copy()
-    text = identity + np.array([0.0, 0.1])[:, None, None]
+    # 2 methods x 3 concepts x 1 seed x 2 prompts. Concepts differ a lot, the methods by a
+    # constant: the paired interval of the difference is a point, the unpaired intervals wide.
+    concept_level = np.array([0.1, 0.5, 0.9])[None, :, None, None]
+    identity = np.broadcast_to(concept_level, (2, 3, 1, 2)).copy()
+    text = identity + np.array([0.0, 0.1])[:, None, None, None]
     summary = benchmark.summarize(
         identity, text, ["ti", "core"], ["a", "b", "c"], ["p", "q"], reference="ti"
     )
@@ -112,9 +113,55 @@ def test_summary_pairs_differences_by_concept():
     assert core["text"]["high"] - core["text"]["low"] > 0.5
     assert core["per_concept"]["c"]["text"] == pytest.approx(1.0)
     assert core["per_prompt"]["q"]["identity"] == pytest.approx(0.5)
+    assert np.isnan(core["text_seed_sd"])  # one seed: no spread to report
     table = benchmark.format_markdown(summary, ["p", "q"], "ti")
     assert "| ti | 0.500 [-0.494, 1.494] | 0.500 [-0.494, 1.494] | (reference) |" in table
-    assert "| +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in table
+    assert "| +0.000 [+0.000, +0.000] {+0.000, +0.000} p 1.000 / 1.000 | +0.100 [+0.100, +0.100]" \
+        in table
+
+
+def test_summary_averages_seeds_first_and_corrects_for_multiplicity():
+    rng = np.random.default_rng(0)
+    methods, concepts, seeds, prompts = ["ti", "core", "other"], 6, 3, 2
+    identity = rng.uniform(size=(3, concepts, seeds, prompts))
+    text = rng.uniform(size=(3, concepts, seeds, prompts))
+    text[1] += 0.3  # core's text is clearly better; other is noise
+    summary = benchmark.summarize(identity, text, methods, [f"c{i}" for i in range(concepts)],
+                                  ["p", "q"], reference="ti")
+    # By hand: per concept the mean over seeds and prompts, then paired t over concepts.
+    per_concept = {k: v.mean(axis=(2, 3)) for k, v in (("identity", identity), ("text", text))}
+    raw = {}
+    for m, method in ((1, "core"), (2, "other")):
+        for key in ("identity", "text"):
+            d = per_concept[key][m] - per_concept[key][0]
+            got = summary[method][f"{key}_vs_reference"]
+            raw[(method, key)] = stats.ttest_rel(per_concept[key][m], per_concept[key][0]).pvalue
+            assert got["p"] == pytest.approx(raw[(method, key)], rel=1e-9)
+            assert got["mean"] == pytest.approx(d.mean())
+            # Bonferroni: 4 comparisons, so a 1 - 0.05 / 4 two-sided t interval.
+            half = stats.t.ppf(1 - 0.05 / 8, concepts - 1) * d.std(ddof=1) / np.sqrt(concepts)
+            assert got["low_adjusted"] == pytest.approx(d.mean() - half)
+            assert got["high_adjusted"] == pytest.approx(d.mean() + half)
+            assert got["high_adjusted"] - got["low_adjusted"] > got["high"] - got["low"]
+        sd = text[m].mean(-1).std(-1, ddof=1).mean()
+        assert summary[method]["text_seed_sd"] == pytest.approx(sd)
+    # Holm by hand: sort the 4 raw p, multiply by 4, 3, 2, 1, running maximum, capped at 1.
+    order = sorted(raw, key=raw.get)
+    running = 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (4 - rank) * raw[key]))
+        assert summary[key[0]][f"{key[1]}_vs_reference"]["p_holm"] == pytest.approx(running)
+    assert summary["core"]["text_vs_reference"]["p_holm"] < 0.05
+    assert np.isnan(summary["ti"]["text_vs_reference"]["p"])
+    assert "Holm-adjusted over the 4 comparisons" in benchmark.correction_note(methods, "ti")
+
+
+def test_holm_matches_a_plain_writing():
+    p = [0.01, 0.04, 0.03, float("nan"), 0.005]
+    # Known p sorted: 0.005, 0.01, 0.03, 0.04 (m = 4): x4, x3, x2, x1 with a running max.
+    expected = [0.03, 0.06, 0.06, float("nan"), 0.02]
+    np.testing.assert_allclose(holm(p), expected)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_methods_are_named_sweep_settings(tmp_path):
