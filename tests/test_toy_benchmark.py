@@ -24,8 +24,15 @@ from core_jax.eval.stats import holm
 from core_jax.toyworld import benchmark
 from core_jax.toyworld import classifier as attribute_classifier
 from core_jax.toyworld import model as toy_model
-from core_jax.toyworld.world import ATTRIBUTES, COLOURS, Identity
-from core_jax.train.sweep import check_same_training, expand_runs
+from core_jax.toyworld.world import (
+    ATTRIBUTES,
+    COLOURS,
+    TEST_IDENTITIES,
+    VALIDATION_IDENTITIES,
+    Identity,
+    parse_caption,
+)
+from core_jax.train.sweep import check_same_training, expand_runs, group_key
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = Identity("star", "green", "dotted")
@@ -217,6 +224,135 @@ def test_a_run_trained_with_other_settings_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"other settings \(concept.caption, "
                                          r"stage1.learning_rate\); use another workdir"):
         check_same_training(run, tmp_path)
+
+
+# --- Issue 16: held-out prompts, seeds, the lambda search ----------------------------------------
+
+
+def _config(name: str, *args: str) -> ml_collections.ConfigDict:
+    path = ROOT / "configs" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name", ["toy_benchmark_v2.py", "toy_lambda_search.py"])
+def test_evaluation_prompts_are_no_regularization_template(name):
+    config = _config(name)
+    templates = benchmark.regularization_templates(config)
+    assert len(templates) == 49  # templates.txt: every pretraining context
+    asked = {tuple(sorted(parse_caption(t.format("")).items())) for t in templates}
+    for prompt in config.benchmark.prompts:
+        for colour in COLOURS:
+            context = prompt.format("{}", recolour=colour)
+            assert context not in templates
+            assert tuple(sorted(parse_caption(context.format("")).items())) not in asked
+    assert not config.benchmark.get("prompts_may_repeat_templates", False)
+    benchmark.check_held_out(config.benchmark.prompts, templates)
+
+
+@pytest.mark.parametrize("prompt, repeats", [
+    ("a {} on grass, sketch style", "a {} on grass, sketch style"),  # verbatim
+    ("a {}, sketch style on grass", "a {} on grass, sketch style"),  # same asks, other words
+    ("a {} on the left", "a {} on the left"),
+])
+def test_a_prompt_that_repeats_a_template_is_refused_in_one_line(prompt, repeats):
+    templates = benchmark.regularization_templates(_config("toy_benchmark_v2.py"))
+    with pytest.raises(InputError) as err:
+        benchmark.check_held_out(["a small {} on grass", prompt], templates)
+    assert str(err.value).count("\n") == 0
+    assert f"benchmark prompt {prompt!r} repeats the regularization template {repeats!r}" in str(
+        err.value)
+    benchmark.check_held_out(["a {recolour} {} on grass", "a large {} at night"], templates)
+
+
+def test_the_command_refuses_template_prompts_unless_the_config_says_so(tmp_path):
+    config = _config("toy_benchmark_v2.py", "main")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "classifier.safetensors").touch()
+    config.model.path = str(tmp_path / "model")
+    config.benchmark.classifier = str(tmp_path / "classifier.safetensors")
+    config.benchmark.prompts = ("a {} in the snow",)
+    with pytest.raises(InputError, match="repeats the regularization template"):
+        benchmark.plan(config, tmp_path / "work")
+    v1 = _toy_benchmark_config()  # the issue-8 table keeps its prompts, and says so
+    assert v1.benchmark.prompts_may_repeat_templates
+
+
+def test_v2_config_without_its_model_stops_in_one_line(tmp_path):
+    config = _config("toy_benchmark_v2.py")
+    config.model.path = str(tmp_path / "toy_model_v2")
+    with pytest.raises(InputError) as err:
+        benchmark.plan(config, tmp_path / "work")
+    message = str(err.value)
+    assert "\n" not in message and "toy_model_v2" in message and "--export" in message
+    assert not (tmp_path / "work").exists()
+
+
+def test_test_and_validation_concepts_are_disjoint_and_the_search_reads_validation_only():
+    assert len(TEST_IDENTITIES) == 32 and len(VALIDATION_IDENTITIES) == 16
+    assert not set(TEST_IDENTITIES) & set(VALIDATION_IDENTITIES)
+    main, search = _config("toy_benchmark_v2.py"), _config("toy_lambda_search.py")
+    validation = {f"toyworld:{i.words}" for i in VALIDATION_IDENTITIES}
+    test = {f"toyworld:{i.words}" for i in TEST_IDENTITIES}
+    assert {c["images"] for c in search.sweep.concepts} == validation
+    assert {c["images"] for c in main.sweep.concepts} == test
+    assert not main.benchmark.get("lambda_search")
+
+
+def test_the_search_refuses_a_test_concept(tmp_path):
+    config = _config("toy_lambda_search.py")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "classifier.safetensors").touch()
+    config.model.path = str(tmp_path / "model")
+    config.benchmark.classifier = str(tmp_path / "classifier.safetensors")
+    config.sweep.concepts = (*config.sweep.concepts[:2],
+                             _config("toy_benchmark_v2.py").sweep.concepts[0])
+    with pytest.raises(InputError, match=f"concept '{TEST_IDENTITIES[0].words}' is a test "
+                                         "concept; the search may only use validation"):
+        benchmark.plan(config, tmp_path / "work")
+
+
+def test_search_curves_name_its_settings_and_lambdas_rise():
+    config = _config("toy_lambda_search.py")
+    names = {s["name"] for s in config.sweep.settings}
+    search = config.benchmark.lambda_search
+    assert search.reference in names
+    assert {c["method"] for c in search.curves} == {"core", "core_pairwise", "core_hinge"}
+    for curve in search.curves:
+        assert {name for name, _ in curve["points"]} <= names
+        values = [value for _, value in curve["points"]]
+        assert values == sorted(values) and len(set(values)) == len(values) >= 4
+
+
+def test_choose_lambda_follows_the_stated_rule():
+    points = [(1.0, 0.60, 0.50), (10.0, 0.58, 0.60), (100.0, 0.50, 0.80), (30.0, 0.56, 0.60)]
+    chosen = benchmark.choose_lambda(points, reference_identity=0.60, tolerance=0.05)
+    # 100 has the best text but loses 0.10 identity; 10 and 30 tie on text: the smaller wins.
+    assert chosen["lambda"] == 10.0 and chosen["identity_floor"] == pytest.approx(0.55)
+    assert benchmark.choose_lambda(points, 0.60, 0.2)["lambda"] == 100.0
+    none = benchmark.choose_lambda(points, 0.90, 0.05)
+    assert none["lambda"] is None and "no lambda keeps identity" in none["why"]
+
+
+def test_seeds_are_an_axis_of_distinct_runs(tmp_path):
+    config = _config("toy_benchmark_v2.py", "main")
+    assert len(config.benchmark.seeds) >= 3
+    training = benchmark._training_config(config)
+    runs = expand_runs(training, tmp_path)
+    assert len(runs) == 32 * 2 * len(config.benchmark.seeds)
+    assert len({r.name for r in runs}) == len(runs)
+    first = [r for r in runs if r.name.startswith(config.sweep.concepts[0]["name"] + "__ti")]
+    assert [r.config.seed for r in first] == list(config.benchmark.seeds)
+    sampling = [benchmark.sample_seed(config, r.config.seed) for r in first]
+    assert len(set(sampling)) == len(sampling)
+    # The seed is no part of a run's program: the seeds of one method pack together.
+    assert len({group_key(r) for r in first}) == 1
+    # Without benchmark.seeds (the issue-8 config): one run per pair at `seed`, as before.
+    v1 = _toy_benchmark_config()
+    assert benchmark.benchmark_seeds(v1) == [v1.seed]
+    assert not benchmark._training_config(v1).sweep.grid
 
 
 # --- The command, end to end ---------------------------------------------------------------------
