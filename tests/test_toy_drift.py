@@ -1,0 +1,67 @@
+"""Context drift (core_jax/toyworld/drift.py) on a random toy model: zero when the learned vector
+is the super-category word's own embedding, positive for another vector, and the attention
+shares are probabilities."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_jax.toyworld import benchmark, drift
+from core_jax.toyworld import classifier as attribute_classifier
+from core_jax.toyworld import model as toy_model
+from core_jax.toyworld.world import Identity, concept_images
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("a small {} on grass", "a {} on the left at night")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy_assets")
+    text_encoder, unet, params = toy_model.init_models(seed=0)
+    model_dir = toy_model.save_toy_model(folder / "toy_model", text_encoder, unet, params, {})
+    module = attribute_classifier.AttributeClassifier()
+    res = attribute_classifier.RESOLUTION
+    classifier_path = attribute_classifier.save_params(
+        folder / "classifier.safetensors",
+        module.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"],
+    )
+    spec = importlib.util.spec_from_file_location("v1", ROOT / "configs/toy_benchmark.py")
+    config_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_module)
+    config = config_module.get_config()
+    config.model.path = str(model_dir)
+    config.benchmark.classifier = str(classifier_path)
+    return benchmark._Evaluator(config).pipeline
+
+
+def _word_embedding(pipeline, word: str) -> jax.Array:
+    (token,) = pipeline.tokenizer.encode(word, add_special_tokens=False)
+    table = pipeline.text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    return table[token][None]  # [V=1, D]
+
+
+def test_drift_is_zero_for_the_super_category_word_and_positive_otherwise(pipeline):
+    photo = concept_images(Identity("star", "green", "dotted"), n=1)[0]
+    probe = drift.DriftProbe(pipeline)
+    same = probe(_word_embedding(pipeline, "star"), PROMPTS, "star", photo, timesteps=(500,))
+    # y* and y_cat are the same token sequence then: no drift, the same attention share.
+    assert same["emb"] == pytest.approx(0.0, abs=1e-5)
+    assert same["attn"] == pytest.approx(0.0, abs=1e-9)
+    assert same["token_share"] == pytest.approx(same["super_category_share"], abs=1e-5)
+    assert 0.0 < same["token_share"] < 1.0
+    other = probe(10.0 * _word_embedding(pipeline, "heart"), PROMPTS, "star", photo,
+                  timesteps=(500,))
+    assert other["emb"] > 1e-3 and other["attn"] > 0.0
+    assert other["token_share"] != pytest.approx(other["super_category_share"], abs=1e-4)
+    assert set(other["per_prompt"]) == set(PROMPTS)
+    for row in other["per_prompt"].values():
+        assert 0.0 <= row["token_share"] <= 1.0 and 0.0 <= row["super_category_share"] <= 1.0
+    assert np.mean([r["emb"] for r in other["per_prompt"].values()]) == pytest.approx(
+        other["emb"])
