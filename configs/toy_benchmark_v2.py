@@ -148,6 +148,9 @@ def base(concepts: tuple[Identity, ...]) -> ml_collections.ConfigDict:
     c.benchmark.seed = 0  # sampling seed = this + the training seed
     c.benchmark.reference = "ti"
     c.benchmark.unfilled_lambdas = ()
+    # Per run: L_emb, L_attn and the learned token's attention share on the evaluation prompts
+    # (toyworld/drift.py), and their table per method in results.md.
+    c.benchmark.drift = True
     return c
 
 

@@ -4,11 +4,13 @@ miniature (a random toy model and classifier built here, so the shipped assets a
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -515,3 +517,76 @@ def test_benchmark_runs_end_to_end_and_resumes(tmp_path, random_assets):
         f"core-jax: {workdir} holds run green_dotted_star__ti trained with other settings "
         "(stage1.steps); use another workdir or delete that run"
     ]
+
+
+MINIATURE_V2 = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("toy_benchmark_v2", {config!r})
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+
+
+def get_config():
+    c = _module.get_config("main")
+    c.sweep.concepts = c.sweep.concepts[:2]
+    c.benchmark.seeds = (0, 1)
+    c.sweep.pack = 4
+    c.stage1.steps = 4
+    c.stage1.rescale_start, c.stage1.rescale_end = 2, 3
+    c.log_every, c.checkpoint_every = 1, 4
+    c.benchmark.prompts = ("a small {{}} on grass", "a {{recolour}} {{}}, sketch style")
+    c.benchmark.images_per_prompt = 2
+    c.benchmark.steps = 3
+    return c
+"""
+
+
+@pytest.mark.slow
+def test_v2_benchmark_with_seeds_writes_every_artifact(tmp_path, random_assets):
+    """2 concepts x TI, CoRe x 2 seeds x 2 held-out prompts on a random (v1-shaped) toy model:
+    the seed axis gives distinct runs and sampling seeds, the artifacts are written, the table
+    reports Holm, and the drift of every run is measured."""
+    config = tmp_path / "miniature_v2.py"
+    config.write_text(MINIATURE_V2.format(config=str(ROOT / "configs/toy_benchmark_v2.py")))
+    workdir = tmp_path / "work"
+    started = time.perf_counter()
+    done = _benchmark(workdir, config, random_assets)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scored 8/8" in done.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["seeds"] == {"training": [0, 1], "sampling": [0, 1]}
+    assert results["unfilled_lambdas"] == ["core"] and results["prompts_held_out"]
+    runs = sorted(p.name for p in (workdir / "runs").iterdir())
+    assert len(runs) == 8 and all(",seed=" in r for r in runs)
+    # One program per method (the seeds of a method pack together): TI's and CoRe's stage 1.
+    assert results["compilations"] == 2
+    rows = list(csv.DictReader((workdir / benchmark.IMAGE_SCORES_FILE).open()))
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # concepts x methods x seeds x prompts x images
+    assert {(r["training_seed"], r["sample_seed"]) for r in rows} == {("0", "0"), ("1", "1")}
+    # The per-concept number is the mean over seeds, prompts and images of the per-image rows.
+    core = results["methods"]["core"]
+    for concept in results["concepts"]:
+        mine = [float(r["text"]) for r in rows if r["concept"] == concept
+                and r["method"] == "core"]
+        assert core["per_concept"][concept]["text"] == pytest.approx(np.mean(mine), abs=1e-12)
+    assert {"p", "p_holm", "low_adjusted", "high_adjusted"} <= set(core["text_vs_reference"])
+    # Trained with different seeds, the runs learned different words.
+    assert runs[0].endswith(",seed=0") and runs[1] == runs[0][:-1] + "1"
+    learned = [(workdir / "runs" / r / "learned_embeds.safetensors").read_bytes()
+               for r in runs[:2]]
+    assert learned[0] != learned[1]
+    for run in runs:
+        folder = workdir / "runs" / run
+        assert json.loads((folder / "config.json").read_text())["seed"] == int(run[-1])
+        measured = json.loads((folder / benchmark.DRIFT_FILE).read_text())
+        assert 0.0 <= measured["token_share"] <= 1.0 and measured["emb"] >= 0.0
+    assert set(results["drift"]["ti"]) >= {"emb", "attn", "token_share", "emb_vs_reference"}
+    markdown = (workdir / "results.md").read_text()
+    lines = markdown.splitlines()
+    assert lines[0] == "# Toy-world method table" and lines[2].startswith(
+        "Runtime of this command: ")
+    assert "Holm-adjusted" in markdown and "Bonferroni-adjusted" in markdown
+    assert "placeholder lambdas" in markdown and "Context drift" in markdown
+    print(f"v2 miniature: {seconds:.0f} s for 8 runs of 4 steps ({results['seconds']})")

@@ -58,6 +58,7 @@ from core_jax.files import atomic_write_bytes
 from core_jax.sample import Pipeline, generate
 from core_jax.text import add_placeholder_tokens, load_templates, placeholder_string
 from core_jax.toyworld import classifier
+from core_jax.toyworld.drift import DRIFT_TIMESTEPS, DriftProbe
 from core_jax.toyworld.world import (
     ATTRIBUTES,
     COLOURS,
@@ -74,6 +75,8 @@ from core_jax.train.sweep import Run, check_same_training, expand_runs, sweep
 TOYWORLD_PREFIX = "toyworld:"
 SCORES_FILE = "benchmark_scores.json"
 SAMPLES_FILE = "benchmark_samples.npz"
+DRIFT_FILE = "benchmark_drift.json"
+DRIFT_MEASURES = ("emb", "attn", "token_share", "super_category_share")
 IMAGE_SCORES_FILE = "scores.csv"  # every image's scores, one row each
 SEARCH_FILE = "lambda_search.json"
 ALPHA = 0.05  # the family-wise error rate of the corrected comparisons
@@ -427,16 +430,23 @@ class _Evaluator:
         self.classifier_params = classifier.load_params(config.benchmark.classifier)
         self.settings = config.benchmark
 
+    def run_weights(self, run_folder: Path) -> tuple[np.ndarray, Any]:
+        """A finished run's learned vectors and its U-Net weights (its own after stage 2)."""
+        _, learned = export.load_learned_embeds(run_folder / "learned_embeds.safetensors")
+        if (run_folder / "unet" / "config.json").is_file():
+            return learned, weights.load_unet(run_folder / "unet")[1]
+        return learned, self.pipeline.unet_params
+
     def __call__(
         self, run_folder: Path, identity: Identity, seed: int
     ) -> tuple[np.ndarray, dict]:
         """Samples [P, K, H, W, 3] and per-prompt scores of one finished run."""
-        _, learned = export.load_learned_embeds(run_folder / "learned_embeds.safetensors")
+        learned, unet_params = self.run_weights(run_folder)
         pipeline = self.pipeline
-        if (run_folder / "unet" / "config.json").is_file():
+        if unet_params is not self.pipeline.unet_params:
             # A shallow copy keeps the compiled sampler; only the U-Net weights differ.
             pipeline = copy.copy(self.pipeline)
-            _, pipeline.unet_params = weights.load_unet(run_folder / "unet")
+            pipeline.unet_params = unet_params
         checks = [prompt_check(t, identity, self.word) for t in self.settings.prompts]
         k = self.settings.images_per_prompt
         images = generate(
@@ -469,7 +479,8 @@ def _all_runs(p: Plan) -> list[tuple[int, int, int, Run]]:
 
 
 def _evaluate_runs(
-    config: ml_collections.ConfigDict, p: Plan, workdir: Path, log: Callable[[str], None]
+    config: ml_collections.ConfigDict, p: Plan, evaluator: Callable[[], _Evaluator],
+    log: Callable[[str], None],
 ) -> None:
     todo = []
     for c, _, s, run in _all_runs(p):
@@ -484,7 +495,7 @@ def _evaluate_runs(
     if not todo:
         log("every run is scored already")
         return
-    evaluate = _Evaluator(config)
+    evaluate = evaluator()
     for n, (c, s, run, trained, key) in enumerate(todo, 1):
         started = time.perf_counter()
         folder = run.folder
@@ -497,6 +508,86 @@ def _evaluate_runs(
         text = np.mean([v["text"] for v in scores.values()])
         log(f"scored {n}/{len(todo)} {run.name}: identity {identity:.3f}, text alignment "
             f"{text:.3f} ({time.perf_counter() - started:.1f} s)")
+
+
+def _measure_drift(
+    config: ml_collections.ConfigDict, p: Plan, evaluator: Callable[[], _Evaluator],
+    log: Callable[[str], None],
+) -> None:
+    """Each run's context drift on the evaluation prompts (toyworld.drift), written to
+    runs/<run>/benchmark_drift.json; runs measured with the same inputs are skipped."""
+    probe = None
+    for c, _, s, run in _all_runs(p):
+        identity = p.identities[c]
+        templates = [t.format("{}", recolour=contrast_colour(identity.colour))
+                     for t in p.prompts]
+        key = {"prompts": templates, "timesteps": list(DRIFT_TIMESTEPS),
+               "seed": sample_seed(config, p.seeds[s]),
+               "trained": json.loads((run.folder / "result.json").read_text())}
+        path = run.folder / DRIFT_FILE
+        if path.is_file() and json.loads(path.read_text())["key"] == key:
+            continue
+        evaluate = evaluator()
+        probe = probe or DriftProbe(evaluate.pipeline)
+        started = time.perf_counter()
+        learned, unet_params = evaluate.run_weights(run.folder)
+        photo = concept_images(identity, n=1, size=config.data.resolution, seed=config.seed)[0]
+        measured = probe(learned, templates, run.config.concept.super_category, photo,
+                         seed=key["seed"], unet_params=unet_params)
+        _write_text(path, json.dumps({"run": run.name, "key": key, **measured}, indent=2))
+        log(f"drift {run.name}: L_emb {measured['emb']:.4f}, L_attn {measured['attn']:.2e}, "
+            f"token share {measured['token_share']:.3f} (super-category word "
+            f"{measured['super_category_share']:.3f}) ({time.perf_counter() - started:.1f} s)")
+
+
+def summarize_drift(
+    values: Mapping[str, np.ndarray], methods: Sequence[str], reference: str
+) -> dict[str, Any]:
+    """Per method and measure: the mean over concepts of the seed-averaged values with its 95 %
+    interval, and the difference to `reference` paired by concept (descriptive: no correction).
+    values: {measure: [methods, concepts, seeds]}."""
+    ref = list(methods).index(reference)
+    out: dict[str, Any] = {}
+    for m, method in enumerate(methods):
+        out[method] = {}
+        for measure, v in values.items():
+            per_concept = v.mean(-1)
+            out[method][measure] = t_interval(per_concept[m])
+            out[method][f"{measure}_vs_reference"] = t_interval(per_concept[m] - per_concept[ref])
+    return out
+
+
+def _drift_arrays(p: Plan) -> dict[str, np.ndarray]:
+    shape = (len(p.methods), len(p.concepts), len(p.seeds))
+    values = {k: np.zeros(shape) for k in DRIFT_MEASURES}
+    for c, m, s, run in _all_runs(p):
+        record = json.loads((run.folder / DRIFT_FILE).read_text())
+        for k in DRIFT_MEASURES:
+            values[k][m, c, s] = record[k]
+    return values
+
+
+def format_drift_markdown(drift: Mapping[str, Any], reference: str) -> str:
+    lines = [
+        "Context drift on the evaluation prompts (toyworld/drift.py): CoRe's L_emb and L_attn "
+        "between the prompt with the learned word and with the super-category word, and the "
+        "share of cross-attention the learned word takes (the super-category word's share in "
+        f"the same prompts beside it); means over concepts [95 % t]; differences to {reference} "
+        "paired by concept, uncorrected.",
+        "",
+        f"| method | L_emb | L_attn | token share | super-category share | L_emb - {reference} "
+        f"| token share - {reference} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, d in drift.items():
+        diffs = ("(reference)",) * 2 if method == reference else (
+            _cell(d["emb_vs_reference"], True), _cell(d["token_share_vs_reference"], True))
+        lines.append(
+            f"| {method} | {_cell(d['emb'])} | {d['attn']['mean']:.2e} | "
+            f"{_cell(d['token_share'])} | {_cell(d['super_category_share'])} | {diffs[0]} | "
+            f"{diffs[1]} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _method_grid(
@@ -646,7 +737,16 @@ def run_benchmark(
     _write_text(workdir / "benchmark_config.json", config.to_json(indent=2))
     summary = sweep(p.training, workdir, progress=log)
     trained = time.perf_counter()
-    _evaluate_runs(config, p, workdir, log)
+    loaded: list[_Evaluator] = []
+
+    def evaluator() -> _Evaluator:  # loaded once, and only when some run needs it
+        if not loaded:
+            loaded.append(_Evaluator(config))
+        return loaded[0]
+
+    _evaluate_runs(config, p, evaluator, log)
+    if config.benchmark.get("drift", False):
+        _measure_drift(config, p, evaluator, log)
     scored = time.perf_counter()
 
     b = config.benchmark
@@ -682,6 +782,8 @@ def run_benchmark(
             "score": round(scored - trained, 1),
         },
     }
+    if b.get("drift", False):
+        results["drift"] = summarize_drift(_drift_arrays(p), p.methods, b.reference)
     if b.get("lambda_search"):
         results["lambda_search"] = lambda_search_results(config, methods, workdir)
         _write_text(workdir / SEARCH_FILE, json.dumps(results["lambda_search"], indent=2))
@@ -691,8 +793,8 @@ def run_benchmark(
     seconds = results["seconds"]
     header = (
         f"# Toy-world method table\n\nRuntime of this command: {seconds['total']:.0f} s "
-        f"(training {seconds['train']:.0f} s, scoring {seconds['score']:.0f} s; finished runs "
-        f"are not redone).\n\n{len(p.concepts)} concepts x {len(p.seeds)} seeds x "
+        f"(training {seconds['train']:.0f} s, scoring and drift {seconds['score']:.0f} s; "
+        f"finished runs are not redone).\n\n{len(p.concepts)} concepts x {len(p.seeds)} seeds x "
         f"{len(p.prompts)} prompts x {b.images_per_prompt} images per method; means with "
         f"{results['interval']}.\n\n"
     )
@@ -703,5 +805,7 @@ def run_benchmark(
     if results["unfilled_lambdas"]:
         header += (f"Warning: placeholder lambdas, not yet chosen by the validation search: "
                    f"{', '.join(results['unfilled_lambdas'])}.\n\n")
+    if "drift" in results:
+        table += "\n" + format_drift_markdown(results["drift"], b.reference)
     _write_text(workdir / "results.md", header + table)
     return results

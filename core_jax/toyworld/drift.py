@@ -90,11 +90,14 @@ class DriftProbe:
         photo: np.ndarray,
         seed: int = 0,
         timesteps: Sequence[int] = DRIFT_TIMESTEPS,
+        unet_params: Any = None,
     ) -> dict[str, Any]:
         """emb, attn, token_share and super_category_share (see the module) of the learned
         vectors [V, D] on `templates` ("a small {} on grass", "{}" for the concept), with the
-        concept's `photo` (uint8 [H, W, 3]) noised at `timesteps`."""
+        concept's `photo` (uint8 [H, W, 3]) noised at `timesteps`; `unet_params`: a run's own
+        U-Net (stage 2), else the pipeline's."""
         pipeline = self.pipeline
+        unet_params = pipeline.unet_params if unet_params is None else unet_params
         tokenizer = pipeline.tokenizer
         word = placeholder_string(pipeline.placeholder, len(pipeline.placeholder_ids))
         prompts = regularization_prompts(tokenizer, list(templates), word, super_category)
@@ -120,8 +123,8 @@ class DriftProbe:
             key, sub = jax.random.split(key)
             t = jnp.full((n,), t_value, jnp.int32)
             x_t = add_noise(pipeline.schedule, x0, jax.random.normal(sub, x0.shape), t)
-            s_obj = self._stats(pipeline.unet_params, x_t, t, h_obj)
-            s_cat = self._stats(pipeline.unet_params, x_t, t, h_cat)
+            s_obj = self._stats(unet_params, x_t, t, h_obj)
+            s_cat = self._stats(unet_params, x_t, t, h_cat)
             a_obj = _gather(s_obj, prompts.obj_index, 2)
             a_cat = _gather(s_cat, prompts.cat_index, 2)
             attn.append([float(core_attention_loss(a_obj[:, i : i + 1], a_cat[:, i : i + 1],
