@@ -338,6 +338,27 @@ def test_choose_lambda_follows_the_stated_rule():
     assert none["lambda"] is None and "no lambda keeps identity" in none["why"]
 
 
+def test_lambda_search_writes_a_curve_per_method_and_the_chosen_overrides(tmp_path):
+    config = _config("toy_lambda_search.py")
+    # Made-up means: text rises with lambda, identity falls; TI at identity 0.6.
+    methods = {"ti": {"identity": {"mean": 0.6}, "text": {"mean": 0.4}}}
+    for curve in config.benchmark.lambda_search.curves:
+        for rank, (name, _) in enumerate(curve["points"]):
+            methods[name] = {"identity": {"mean": 0.62 - 0.02 * rank},
+                             "text": {"mean": 0.4 + 0.05 * rank}}
+    search = benchmark.lambda_search_results(config, methods, tmp_path)
+    assert "at least ti's minus 0.05" in search["rule"]
+    core = search["methods"]["core"]
+    # Identity 0.62, 0.60, 0.58, 0.56, 0.54, ...: the floor 0.55 keeps the first four.
+    assert core["chosen"]["lambda"] == 100.0 and core["chosen"]["setting"] == "core_x100"
+    assert core["chosen"]["overrides"]["stage1.lambda_attn"] == pytest.approx(5.0)
+    assert [pt["lambda"] for pt in core["points"]] == [1, 10, 30, 100, 300, 1000]
+    for method in ("core", "core_pairwise", "core_hinge"):
+        png = tmp_path / f"lambda_curve_{method}.png"
+        assert search["methods"][method]["plot"] == str(png)
+        assert Image.open(png).size[0] > 100
+
+
 def test_seeds_are_an_axis_of_distinct_runs(tmp_path):
     config = _config("toy_benchmark_v2.py", "main")
     assert len(config.benchmark.seeds) >= 3
