@@ -43,7 +43,25 @@ The model folder core_jax/toyworld/assets/toy_model_v2 does not exist until
 `launch/pretrain_toy.py --v2 --export core_jax/toyworld/assets/toy_model_v2` writes it; without
 it the command stops with one line.
 
-Time here: see RUNTIME below (estimated, not measured at this size).
+Time here (2-core CPU) [UNVERIFIED: estimated, not measured; the v2 model cannot train yet]:
+main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 3.5-4 h;
+ablations (6 rows, 576 runs) about 11 h. How: the issue-8 table measured 0.09 s per run-step
+with the v1 model (80 runs x 200 steps in 29 min of training, packs of 10, load 4-6) and about
+4 s of sampling and scoring per run; the v2 U-Net costs 2.9x the v1 U-Net's forward FLOPs and
+the v2 text encoder 7.2x (XLA's cost analysis at batch 4: 4.25 against 1.47 GFLOP, 0.54 against
+0.08), so about 3.1x per step: 0.28 s per run-step, 192 x 200 x 0.28 s = 3.0 h of training, plus
+about 12 s per run of sampling, scoring and drift (40 min). A timing run at the v2 shapes
+(benchmarks/toy_benchmark_timing.py) was started under load 8-17 and stopped unfinished: its
+16-run TI pack of 20 steps (compiling included) finished in under 17 min.
+The two hours issue 16 asks for are NOT reached by packing: this CPU is compute-bound, and a
+pack of 16 runs does the same FLOPs as 16 runs one after another (packing saves only the
+per-run compilations and Python overhead). What would reach about 2 h: 100 stage-1 steps (if
+the v2 model learns a word in 100: unmeasured) and 2 images per prompt (1.5 h + 20 min), or an
+accelerator. The lambda search (480 runs) is about 8-9 h at 200 steps.
+
+What it should reach: unknown until the model v2 exists and the search fills the lambdas; the
+issue asks for CoRe minus TI within +-0.03 (text) and +-0.05 (identity) at 95 %. The table
+reports whatever the intervals resolve after the Holm correction.
 """
 
 import ml_collections
@@ -51,12 +69,6 @@ import ml_collections
 from core_jax.config import base_config
 from core_jax.toyworld import CLASSIFIER_PATH, MODEL_V2_DIR, TEMPLATES
 from core_jax.toyworld.world import TEST_IDENTITIES, Identity
-
-RUNTIME = """
-Estimated from tests/test_toy_benchmark.py's v2-shaped miniature timings (random v2-size model,
-this 2-core machine under load; see the final section of that test's docstring) [UNVERIFIED at
-full size]: filled in by the measurement in the commit that adds this config.
-"""
 
 SEEDS = (0, 1, 2)
 PROMPTS = (
