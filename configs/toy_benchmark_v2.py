@@ -25,7 +25,9 @@ without L_attn, without the norm hold; CoRe plus the thesis' pairwise or hinge t
 stage-1-only methods are left out, not because they would not train on a pixel-space model but
 because the evaluator samples with learned_embeds.safetensors (and a stage-2 U-Net) only: XTI's
 per-layer vectors, NeTI's mapper and TextBoost's text-encoder LoRA would be scored as the mean
-word or without their text weights, which would misreport them. Their rows need the evaluator
+word or without their text weights, which would misreport them (XTI's learned_embeds holds the
+mean of its vectors, per configs/xti_tiny.py; for NeTI and TextBoost [UNVERIFIED] what the file
+holds). Their rows need the evaluator
 to load each method's export as `core-jax sample` does. Stage-2 methods (DreamBooth, Custom
 Diffusion, SVDiff, LoRA) are not stage-1-only and cost a U-Net copy per run.
 

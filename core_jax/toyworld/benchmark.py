@@ -27,6 +27,10 @@ simultaneously for all of them.
 Evaluation prompts must ask for something no regularization template asks (`check_held_out`):
 a prompt that repeats a template measures the regularizer on its own training contexts.
 
+`benchmark.drift` adds each run's context drift on the evaluation prompts (toyworld/drift.py:
+CoRe's L_emb and L_attn against the super-category word, the learned word's share of
+cross-attention), written per run and summarized per method.
+
 `benchmark.lambda_search` turns the command into the lambda search: the same runs, on validation
 concepts only, then per method the identity-vs-text curve over its lambda grid (a PNG) and the
 lambda chosen by a stated rule (`choose_lambda`), written to lambda_search.json.
