@@ -32,10 +32,10 @@ to load each method's export as `core-jax sample` does. Stage-2 methods (DreamBo
 Diffusion, SVDiff, LoRA) are not stage-1-only and cost a U-Net copy per run.
 
 Lambdas: PLACEHOLDERS (LAMBDAS below, listed in benchmark.unfilled_lambdas, so results.md warns)
-until the validation search fills them:
-    core-jax benchmark --config configs/toy_lambda_search.py --workdir runs/toy_lambda_search
-writes runs/toy_lambda_search/lambda_search.json; copy each method's "chosen"."overrides" into
-LAMBDAS and remove it from UNFILLED. The ablations reuse CoRe's chosen lambdas.
+until the validation search fills them: configs/toy_lambda_search.py (its docstring has the
+command) writes runs/toy_lambda_search/lambda_search.json; copy each method's
+"chosen"."overrides" into LAMBDAS and remove it from UNFILLED. The ablations reuse CoRe's
+chosen lambdas.
 
 Command (the config argument picks rows: "main" = TI and CoRe, "ablations" = TI and the rest,
 none = all):
