@@ -4,41 +4,33 @@ shares are probabilities."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_jax.toyworld import benchmark, drift
-from core_jax.toyworld import classifier as attribute_classifier
+from core_jax.diffusion.schedule import schedule_from_config
+from core_jax.text import add_placeholder_tokens, load_tokenizer
+from core_jax.toyworld import drift
 from core_jax.toyworld import model as toy_model
 from core_jax.toyworld.world import Identity, concept_images
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("a small {} on grass", "a {} on the left at night")
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy_assets")
+def pipeline():
+    """What DriftProbe reads of a `sample.Pipeline`, for the v1-shaped toy model with random
+    weights (built here: no folder to write and load)."""
     text_encoder, unet, params = toy_model.init_models(seed=0)
-    model_dir = toy_model.save_toy_model(folder / "toy_model", text_encoder, unet, params, {})
-    module = attribute_classifier.AttributeClassifier()
-    res = attribute_classifier.RESOLUTION
-    classifier_path = attribute_classifier.save_params(
-        folder / "classifier.safetensors",
-        module.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"],
+    tokenizer = load_tokenizer()
+    placeholder_ids = add_placeholder_tokens(tokenizer, "<s*>", 1)
+    return SimpleNamespace(
+        tokenizer=tokenizer, placeholder="<s*>", placeholder_ids=tuple(placeholder_ids),
+        text_encoder=text_encoder, text_params=params["text"], unet=unet,
+        unet_params=params["unet"], schedule=schedule_from_config(toy_model.SCHEDULER_CONFIG),
     )
-    spec = importlib.util.spec_from_file_location("v1", ROOT / "configs/toy_benchmark.py")
-    config_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config_module)
-    config = config_module.get_config()
-    config.model.path = str(model_dir)
-    config.benchmark.classifier = str(classifier_path)
-    return benchmark._Evaluator(config).pipeline
 
 
 def _word_embedding(pipeline, word: str) -> jax.Array:
