@@ -45,21 +45,27 @@ The model folder core_jax/toyworld/assets/toy_model_v2 does not exist until
 `launch/pretrain_toy.py --v2 --export core_jax/toyworld/assets/toy_model_v2` writes it; without
 it the command stops with one line.
 
-Time here (2-core CPU) [UNVERIFIED: estimated, not measured; the v2 model cannot train yet]:
-main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 3.5-4 h;
-ablations (6 rows, 576 runs) about 11 h. How: the issue-8 table measured 0.09 s per run-step
-with the v1 model (80 runs x 200 steps in 29 min of training, packs of 10, load 4-6) and about
-4 s of sampling and scoring per run; the v2 U-Net costs 2.9x the v1 U-Net's forward FLOPs and
-the v2 text encoder 7.2x (XLA's cost analysis at batch 4: 4.25 against 1.47 GFLOP, 0.54 against
-0.08), so about 3.1x per step: 0.28 s per run-step, 192 x 200 x 0.28 s = 3.0 h of training, plus
-about 12 s per run of sampling, scoring and drift (40 min). A timing run at the v2 shapes
-(benchmarks/toy_benchmark_timing.py) was started under load 8-17 and stopped unfinished: its
-16-run TI pack of 20 steps (compiling included) finished in under 17 min.
-The two hours issue 16 asks for are NOT reached by packing: this CPU is compute-bound, and a
-pack of 16 runs does the same FLOPs as 16 runs one after another (packing saves only the
-per-run compilations and Python overhead). What would reach about 2 h: 100 stage-1 steps (if
-the v2 model learns a word in 100: unmeasured) and 2 images per prompt (1.5 h + 20 min), or an
-accelerator. The lambda search (480 runs) is about 8-9 h at 200 steps.
+Time here (2-core CPU) [UNVERIFIED at full size; the v2 model cannot train yet, see below]:
+main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 4-10 h;
+ablations (6 rows, 576 runs) three times that. How:
+- measured (benchmarks/toy_benchmark_timing.py: a v2-size random model with a 3-channel U-Net,
+  8 test concepts x TI, CoRe x 1 seed, packs of 8, 20 steps, load average about 8 from other
+  jobs): the sweep took 420 s, of it 154 s compiling and tracing 2 programs, so at most 0.83 s
+  per run-step (the rest includes loading and writing); sampling and scoring 25 s per run (32
+  images, 20 DDIM steps with guidance);
+- from FLOPs: the issue-8 table measured 0.09 s per run-step with the v1 model (load 4-6); the
+  v2 U-Net's forward costs 2.9x the v1's and the v2 text encoder 7.2x (XLA cost analysis at
+  batch 4: 4.25 against 1.47 GFLOP, 0.54 against 0.08): about 0.28 s per run-step.
+So 192 x 200 run-steps take 3.0 h (0.28 s) to 8.9 h (0.83 s), plus 192 x 25 s = 1.3 h of
+sampling and scoring. The two hours issue 16 asks for are NOT reached by packing: this CPU is
+compute-bound, and a pack of 16 runs does the FLOPs of 16 runs one after another (packing saves
+the per-run compilations and Python overhead only). What might reach about 2 h on a quiet
+machine: 100 stage-1 steps (if the v2 model learns a word in 100: unmeasured) and 2 images per
+prompt; else an accelerator. The lambda search (480 runs) takes 2.5x the main table.
+The toy model v2 cannot run here yet: `core-jax train` / `sweep` load a 5-input-channel U-Net
+without vae/ as a latent model (train/setup.py: load_vae_or_pixel_space wants 3 channels in),
+and the train step and the sampler do not append the coordinate channels
+(models/pixel.py: with_coordinates); toyworld/drift.py does.
 
 What it should reach: unknown until the model v2 exists and the search fills the lambdas; the
 issue asks for CoRe minus TI within +-0.03 (text) and +-0.05 (identity) at 95 %. The table
