@@ -46,18 +46,18 @@ The model folder core_jax/toyworld/assets/toy_model_v2 does not exist until
 it the command stops with one line.
 
 Time here (2-core CPU) [UNVERIFIED at full size; the v2 model cannot train yet, see below]:
-main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 4-10 h;
+main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 4-11 h;
 ablations (6 rows, 576 runs) three times that. How:
 - measured (benchmarks/toy_benchmark_timing.py: a v2-size random model with a 3-channel U-Net,
   8 test concepts x TI, CoRe x 1 seed, packs of 8, 20 steps, load average about 8 from other
   jobs): the sweep took 420 s, of it 154 s compiling and tracing 2 programs, so at most 0.83 s
-  per run-step (the rest includes loading and writing); sampling and scoring 25 s per run (32
-  images, 20 DDIM steps with guidance);
+  per run-step (the rest includes loading and writing); sampling, scoring and drift 645 s for
+  the 16 runs, 40 s per run (25-45 s; 32 images, 20 DDIM steps with guidance; drift 1.5 s);
 - from FLOPs: the issue-8 table measured 0.09 s per run-step with the v1 model (load 4-6); the
   v2 U-Net's forward costs 2.9x the v1's and the v2 text encoder 7.2x (XLA cost analysis at
   batch 4: 4.25 against 1.47 GFLOP, 0.54 against 0.08): about 0.28 s per run-step.
-So 192 x 200 run-steps take 3.0 h (0.28 s) to 8.9 h (0.83 s), plus 192 x 25 s = 1.3 h of
-sampling and scoring. The two hours issue 16 asks for are NOT reached by packing: this CPU is
+So 192 x 200 run-steps take 3.0 h (0.28 s) to 8.9 h (0.83 s), plus 192 x 40 s = 2.1 h of
+sampling, scoring and drift. The two hours issue 16 asks for are NOT reached by packing: this CPU is
 compute-bound, and a pack of 16 runs does the FLOPs of 16 runs one after another (packing saves
 the per-run compilations and Python overhead only). What might reach about 2 h on a quiet
 machine: 100 stage-1 steps (if the v2 model learns a word in 100: unmeasured) and 2 images per

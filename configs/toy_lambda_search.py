@@ -25,9 +25,9 @@ Then copy each method's "chosen"."overrides" from runs/toy_lambda_search/lambda_
 configs/toy_benchmark_v2.py's LAMBDAS and drop it from UNFILLED.
 
 Time here (2-core CPU) [UNVERIFIED: estimated as configs/toy_benchmark_v2.py's docstring
-explains, 0.28-0.83 s per run-step and 25 s of sampling and scoring per run]: 15 settings x 16
-concepts x 2 seeds = 480 runs of 200 steps, 7.5-22 h of training and 3.3 h of sampling and
-scoring; it resumes where it stopped, so it can run over several sessions.
+explains, 0.28-0.83 s per run-step and 40 s of sampling, scoring and drift per run]: 15
+settings x 16 concepts x 2 seeds = 480 runs of 200 steps, 7.5-22 h of training and 5.3 h of
+sampling, scoring and drift; it resumes where it stopped, so it can run over several sessions.
 
 What it should reach: a curve per method in lambda_curve_<method>.png that rises in text
 alignment and falls in identity as lambda grows (if a curve is flat, the grid does not reach
