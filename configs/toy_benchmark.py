@@ -35,6 +35,11 @@ without L_emb text -0.07 [-0.11, -0.03]; CoRe + pairwise text +0.14 [+0.08, +0.2
 -0.10 [-0.28, +0.08] (its grid shows colours lost); CoRe + hinge text +0.07 [-0.02, +0.16].
 Every method mostly fails "outline style", and all but pairwise "on the beach" (the learned word
 keeps its white background).
+
+Known flaws (issue 16), kept so the numbers above reproduce: seven of the eight prompts are
+regularization templates verbatim (`benchmark.prompts_may_repeat_templates`; results.md warns),
+one seed, and the lambdas were chosen on the outcome. configs/toy_benchmark_v2.py is the redone
+benchmark; one seed here means the seed-spread column reads "-".
 """
 
 import ml_collections
@@ -116,6 +121,10 @@ def get_config():
         "a {} in the sky, framed style",
         "a {recolour} {}",
     )
+    # Seven of these eight prompts are regularization templates verbatim (issue 16): kept so
+    # this config reproduces the issue-8 table above, with the flaw named in its results.md.
+    # configs/toy_benchmark_v2.py holds prompts the templates never contain.
+    c.benchmark.prompts_may_repeat_templates = True
     c.benchmark.images_per_prompt = 4
     c.benchmark.sampler = "ddim"
     c.benchmark.steps = 20  # 32 images of a run in about 3 s here

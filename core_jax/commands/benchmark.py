@@ -2,7 +2,9 @@
 
 Trains every (held-out concept, method) run of the toy world as one sweep, samples the benchmark
 prompts with each learned word, scores the images with the attribute classifiers and writes
-DIR/results.md, DIR/results.json and DIR/grid_<method>.png. Rerunning skips finished work.
+DIR/results.md, DIR/results.json, DIR/scores.csv and DIR/grid_<method>.png (and, with
+benchmark.lambda_search, DIR/lambda_search.json and DIR/lambda_curve_<method>.png). Rerunning
+skips finished work.
 """
 
 from __future__ import annotations
@@ -37,4 +39,7 @@ def main(argv: list[str]) -> None:
     )
     workdir = Path(_WORKDIR.value)
     print("\n" + (workdir / "results.md").read_text())
-    print(f"results: {workdir}/results.md, {workdir}/results.json, {workdir}/grid_<method>.png")
+    print(f"results: {workdir}/results.md, {workdir}/results.json, {workdir}/scores.csv (every "
+          f"image), {workdir}/grid_<method>.png"
+          + (f", {workdir}/lambda_search.json, {workdir}/lambda_curve_<method>.png"
+             if (workdir / "lambda_search.json").is_file() else ""))
