@@ -217,7 +217,7 @@ def _sample(
         with per_layer_contexts(cross_attention_layers(unet)):
             return unet.apply({"params": params["unet"]}, x, t, join_layers(both))
 
-    shape = (cond.shape[-3], *latent_hw, unet.config.in_channels)
+    shape = (cond.shape[-3], *latent_hw, unet.config.out_channels)
     return _draw(unet, vae, params, schedule, model_fn, shape, key, guidance_scale,
                  num_inference_steps, sampler, eta, decode)
 
@@ -315,7 +315,7 @@ def _sample_timed(
             return unet.apply({"params": params["unet"]}, x, t,
                               join_layers(jnp.swapaxes(both, 0, 1)))
 
-    shape = ((ids.shape[0] - 1) * images_per_prompt, *latent_hw, unet.config.in_channels)
+    shape = ((ids.shape[0] - 1) * images_per_prompt, *latent_hw, unet.config.out_channels)
     return _draw(unet, vae, params, schedule, model_fn, shape, key, guidance_scale,
                  num_inference_steps, sampler, eta, decode)
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,14 @@ import numpy as np
 import pytest
 
 from core_jax import weights
-from core_jax.models.pixel import coordinate_channels, is_pixel_space_unet, with_coordinates
+from core_jax.config import base_config
+from core_jax.models.pixel import (
+    PixelSpace,
+    coordinate_channels,
+    is_pixel_space_unet,
+    with_coordinates,
+)
+from core_jax.sample import generate
 from core_jax.text import load_tokenizer, tokenize
 from core_jax.toyworld import CLASSIFIER_PATH, model_v2
 from core_jax.toyworld import classifier as attribute_classifier
@@ -31,6 +42,7 @@ from core_jax.toyworld.world import (
     parse_caption,
     random_captions,
 )
+from core_jax.train import setup as run_setup
 
 
 def test_split_sizes_disjoint_and_balanced():
@@ -165,6 +177,7 @@ def test_checkpoint_round_trip_and_fallback(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored.params["a"]), [0.0, 1.0, 2.0])
 
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = model_v2.Architecture(
     text=dataclasses.replace(model_v2.TEXT_CONFIG, hidden_size=16, intermediate_size=32,
                              num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
@@ -204,3 +217,62 @@ def test_pretraining_stops_resumes_and_exports(tmp_path):
     info = json.loads((folder / "toyworld.json").read_text())
     assert len(info["held_out"]["test_identities"]) == 32
     assert info["pretrain_v2"]["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_v2_folder(tmp_path_factory):
+    """A tiny v2-shaped model (5 channels in, 3 out, no vae/) exported as the pretraining does."""
+    vocabulary = model_v2.world_vocabulary(load_tokenizer())
+    _, _, params = model_v2.init_models(0, vocabulary, TINY)
+    return model_v2.export(tmp_path_factory.mktemp("v2") / "model", params, vocabulary, {}, TINY)
+
+
+def test_a_coordinate_unet_loads_as_pixel_space_and_appends_its_own_coordinates(tiny_v2_folder):
+    """The train step and the sampler call every U-Net with out_channels-channel samples: a
+    coordinate U-Net appends x and y itself (the same output as given them explicitly), and a
+    folder of one without vae/ is a pixel-space model whose sampler draws 3-channel noise."""
+
+    config = base_config()
+    config.model.path = str(tiny_v2_folder)
+    models = run_setup.load_models(config)
+    assert isinstance(models.vae, PixelSpace)
+    unet, params = models.unet, models.params["unet"]
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    context = jax.random.normal(jax.random.key(1), (2, 77, 16))
+    appended = unet.apply({"params": params}, x, jnp.array([10, 900]), context)
+    explicit = unet.apply({"params": params}, with_coordinates(x, 5), jnp.array([10, 900]),
+                          context)
+    np.testing.assert_array_equal(np.asarray(appended), np.asarray(explicit))
+    with pytest.raises(ValueError, match="cannot take 4-channel samples"):
+        unet.apply({"params": params}, jnp.zeros((1, 32, 32, 4)), 0, context[:1])
+
+    pipeline = run_setup.sampling_pipeline(models, models.tokenizer, (), "<s*>")
+    images = generate(pipeline, ["a red star on grass"], steps=2, seed=0)
+    assert images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_core_jax_train_and_sample_run_on_a_coordinate_unet(tiny_v2_folder, tmp_path):
+    """`core-jax train` (CoRe, both stages) and `core-jax sample` on a v2-shaped toy model."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    train = subprocess.run(
+        [sys.executable, "-m", "core_jax", "train", "--config", str(ROOT / "configs/default.py"),
+         "--workdir", str(workdir), f"--config.model.path={tiny_v2_folder}",
+         "--config.concept.images=toyworld:red striped star",
+         "--config.concept.super_category=star", "--config.concept.caption=a {}",
+         "--config.data.resolution=32", "--config.data.num_views=2",
+         "--config.stage1.steps=2", "--config.stage1.batch_size=2",
+         "--config.stage1.rescale_start=1", "--config.stage1.rescale_end=2",
+         "--config.stage2.steps=1", "--config.stage2.batch_size=2",
+         "--config.sample.at_end=False"],
+        capture_output=True, text=True, env=env, timeout=1500)
+    assert train.returncode == 0, train.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("stage") for r in records} >= {1, 2}
+    sample = subprocess.run(
+        [sys.executable, "-m", "core_jax", "sample", "--workdir", str(workdir), "--prompt",
+         "a S* on grass", "--num_images", "1", "--steps", "2", "--out",
+         str(tmp_path / "grass.png")], capture_output=True, text=True, env=env, timeout=900)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert (tmp_path / "grass.png").is_file()

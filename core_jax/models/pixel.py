@@ -1,7 +1,7 @@
 """Pixel space in the place of a VAE, for diffusion models that denoise images directly.
 
-A model folder without `vae/` whose U-Net takes 3 channels is a pixel-space model (the toy
-world's is one): its "latents" are the images themselves, in [-1, 1], so the latent pool holds
+A model folder without `vae/` whose U-Net denoises 3 channels is a pixel-space model (the toy
+world's are): its "latents" are the images themselves, in [-1, 1], so the latent pool holds
 the augmented views and sampling returns what the U-Net denoised. `PixelSpace` answers the calls a
 VAE answers (`encode`, `decode`, `config.scaling_factor`, the downsampling factor) with the
 identity, so the train step and the sampler need no second code path.
@@ -48,8 +48,10 @@ class PixelSpace(nn.Module):
 # leaks about the border. A pixel-space U-Net may instead take two extra input channels holding
 # each pixel's x and y in [-1, 1] (CoordConv): its config then says in_channels = out_channels + 2
 # (the toy model v2: 5 in, 3 out). Its parameters are a plain diffusers UNet2DConditionModel's
-# (diffusers loads such a U-Net as it loads SD's inpainting U-Net, 9 in and 4 out); only the
-# caller must append the channels before each U-Net call and draw its noise with out_channels.
+# (diffusers loads such a U-Net as it loads SD's inpainting U-Net, 9 in and 4 out). Our
+# UNet2DConditionModel appends the channels itself when it is given out_channels-channel
+# samples, so the train step and the sampler call it as any U-Net; noise is drawn with
+# out_channels.
 
 COORDINATE_CHANNELS = 2
 

@@ -26,6 +26,7 @@ from core_jax.models.layers import (
     conv1x1,
     conv3x3,
 )
+from core_jax.models.pixel import with_coordinates
 from core_jax.models.remat import remat
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -430,6 +431,10 @@ class UNet2DConditionModel(nn.Module):
         elif text_embeds is not None or time_ids is not None:
             raise ValueError("text_embeds/time_ids given to a U-Net without addition_embed_type")
 
+        # A U-Net with coordinate channels (in_channels = out_channels + 2, the toy model v2) is
+        # called with out_channels-channel samples like any other and appends them itself;
+        # an input of in_channels passes as it is (`core_jax.models.pixel`).
+        sample = with_coordinates(sample, c.in_channels)
         h = conv3x3(channels[0], "conv_in", self.dtype)(sample.astype(self.dtype))
         skips = [h]
         for i, block_type in enumerate(c.down_block_types):

@@ -27,7 +27,7 @@ from core_jax.errors import InputError
 from core_jax.methods.diffusion_term import MASKED_LOSS
 from core_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from core_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-from core_jax.models.pixel import PixelSpace
+from core_jax.models.pixel import PixelSpace, is_pixel_space_unet
 from core_jax.models.presets import PRESETS, random_models
 from core_jax.models.unet import REMAT_POLICIES, UNet2DConditionModel
 from core_jax.models.vae import AutoencoderKL
@@ -175,8 +175,10 @@ def load_vae_or_pixel_space(
     path: Path, unet: UNet2DConditionModel, dtype: jnp.dtype, allow_pickle: bool
 ) -> tuple[AutoencoderKL | PixelSpace, Any]:
     """The folder's VAE, or pixel space for a folder without `vae/` whose U-Net denoises RGB
-    images (3 channels in and out): then the latent pool is the images themselves."""
-    if not (path / "vae").is_dir() and unet.config.in_channels == unet.config.out_channels == 3:
+    images (3 channels out; 3 in, or 5 with coordinate channels): then the latent pool is the
+    images themselves."""
+    if not (path / "vae").is_dir() and is_pixel_space_unet(unet.config.in_channels,
+                                                          unet.config.out_channels):
         return PixelSpace(dtype=dtype), {}
     return weights.load_vae(path, dtype, allow_pickle)
 
