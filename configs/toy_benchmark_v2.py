@@ -45,7 +45,7 @@ The model folder core_jax/toyworld/assets/toy_model_v2 does not exist until
 `launch/pretrain_toy.py --v2 --export core_jax/toyworld/assets/toy_model_v2` writes it; without
 it the command stops with one line.
 
-Time here (2-core CPU) [UNVERIFIED at full size; the v2 model cannot train yet, see below]:
+Time here (2-core CPU) [UNVERIFIED at full size: estimated, see below]:
 main table (TI + CoRe: 32 concepts x 3 seeds x 2 = 192 runs of 200 steps) about 4-11 h;
 ablations (6 rows, 576 runs) three times that. How:
 - measured (benchmarks/toy_benchmark_timing.py: a v2-size random model with a 3-channel U-Net,
@@ -62,10 +62,9 @@ compute-bound, and a pack of 16 runs does the FLOPs of 16 runs one after another
 the per-run compilations and Python overhead only). What might reach about 2 h on a quiet
 machine: 100 stage-1 steps (if the v2 model learns a word in 100: unmeasured) and 2 images per
 prompt; else an accelerator. The lambda search (480 runs) takes 2.5x the main table.
-The toy model v2 cannot run here yet: `core-jax train` / `sweep` load a 5-input-channel U-Net
-without vae/ as a latent model (train/setup.py: load_vae_or_pixel_space wants 3 channels in),
-and the train step and the sampler do not append the coordinate channels
-(models/pixel.py: with_coordinates); toyworld/drift.py does.
+The v2 model's 5-input-channel U-Net trains and samples through `core-jax train` / `sweep` like
+any U-Net: it appends its coordinate channels itself (tests/test_toyworld_v2.py runs
+`core-jax train` and `core-jax sample` on a tiny v2-shaped folder).
 
 What it should reach: unknown until the model v2 exists and the search fills the lambdas; the
 issue asks for CoRe minus TI within +-0.03 (text) and +-0.05 (identity) at 95 %. The table
